@@ -366,6 +366,24 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model, enabled: bool):
+    """Recompute each decoder layer's activations in the backward pass instead of storing them
+    (transformers' gradient checkpointing): memory for compute. transformers checkpoints only
+    layers in training mode, so only the layers' own flag is set; dropout stays off."""
+    if not enabled:
+        yield
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.model.layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+        model.eval()
+
+
 def train_gates(model, units: Units, data: torch.Tensor, budget: int, args) -> tuple[torch.Tensor, list[dict]]:
     """Learn one score per unit under the global budget; the backbone stays frozen.
     Returns the final scores and, per step, the loss, the kept cost and how many units flipped."""
@@ -560,10 +578,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (gate scores and scales)")
     p.add_argument("--tau", type=float, default=1.5, help="temperature of the straight-through sigmoid")
     p.add_argument("--no-rescale", action="store_true", help="skip the scaling calibration")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--eval", action="store_true", help="WikiText-2 test perplexity: dense, masked, final")
+    p.add_argument("--eval-windows", type=int, help="with --eval: only the first N 2048-token windows (quick runs)")
     args = p.parse_args(argv)
     if not 0.0 < args.sparsity < 1.0:
         raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {args.sparsity}")
@@ -577,12 +597,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def wikitext2_perplexity(model, tokenizer, data_dir: str | None) -> float:
+def wikitext2_perplexity(model, tokenizer, args) -> float:
     """WikiText-2 test perplexity with eval.py's protocol (2048-token windows)."""
     import eval as evaluation
 
-    text = load_text("wikitext2", "test", data_dir)
-    return evaluation.perplexity(model, tokenizer, text, seq_len=2048)
+    text = load_text("wikitext2", "test", args.data_dir)
+    return evaluation.perplexity(model, tokenizer, text, seq_len=2048, limit_windows=args.eval_windows)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -612,25 +632,30 @@ def run(args: argparse.Namespace) -> dict:
 
     quality = {}
     if args.eval:
-        quality["dense"] = wikitext2_perplexity(model, tokenizer, args.data_dir)
+        quality["dense"] = wikitext2_perplexity(model, tokenizer, args)
         lap("eval_dense")
 
-    scores, history = train_gates(model, units, data, budget, args)
+    with activation_checkpointing(model, args.gradient_checkpointing):
+        scores, history = train_gates(model, units, data, budget, args)
     mask = project_to_budget(scores, units.costs(scores.device), budget, units)
     lap("gate_training")
     if args.eval:
         with gated(model, units) as gates:
             gates.values = mask.float()
-            quality["masked"] = wikitext2_perplexity(model, tokenizer, args.data_dir)
+            quality["masked"] = wikitext2_perplexity(model, tokenizer, args)
         lap("eval_masked")
 
-    gate = mask.float() if args.no_rescale else calibrate_scales(model, units, mask, data, args)
+    if args.no_rescale:
+        gate = mask.float()
+    else:
+        with activation_checkpointing(model, args.gradient_checkpointing):
+            gate = calibrate_scales(model, units, mask, data, args)
     lap("scaling_calibration")
     slice_model(model, units, gate)
     after = model_summary(model)
     lap("slicing")
     if args.eval:
-        quality["pruned"] = wikitext2_perplexity(model, tokenizer, args.data_dir)
+        quality["pruned"] = wikitext2_perplexity(model, tokenizer, args)
         lap("eval_pruned")
 
     rows = layer_table(model, units)

@@ -264,6 +264,22 @@ def test_training_keeps_the_budget_moves_every_score_and_freezes_the_backbone(na
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_gradient_checkpointing_changes_nothing_but_memory():
+    data = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for enabled in (False, True):
+        model = tiny_model("llama-gqa-bias")
+        units = grasprune.find_units(model)
+        calls = []
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+        with grasprune.activation_checkpointing(model, enabled):
+            results.append(grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), train_args()))
+        assert len(calls) == 4 * (2 if enabled else 1)  # 4 steps; checkpointing reruns the forward
+        assert not model.training and not model.model.gradient_checkpointing
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+
+
 # ----------------------------------------------------------------------------------------------
 # Calibration data
 
