@@ -1,0 +1,178 @@
+"""Benchmarks for GRASPrune: what gating costs during calibration, and what pruning buys at serving.
+
+  python bench.py overhead --model M      gate-training step vs a bare forward+backward of the
+                                          frozen model, saved-activation memory, projection share
+  python bench.py serving M1 M2 ...       parameters, weight and KV-cache bytes, prefill and decode
+                                          speed, peak memory; each model in its own process
+
+Figures are printed, never asserted: speed depends on the machine.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import torch
+
+import grasprune
+
+
+def seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@contextmanager
+def saved_activation_bytes(total: list[int]):
+    """Adds up the bytes of every tensor that autograd saves for the backward pass."""
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration overhead
+
+
+def bare_step(model, batch: torch.Tensor) -> None:
+    """Forward and backward of the frozen model with no gates: the gradient goes to the input
+    embeddings only, so this is the least any gradient-based calibration step can cost."""
+    embeds = model.get_input_embeddings()(batch).detach().requires_grad_()
+    model(inputs_embeds=embeds, labels=batch, use_cache=False).loss.backward()
+
+
+def overhead(args) -> None:
+    model, _ = grasprune.load_model(args.model, args.device, args.dtype)
+    units = grasprune.find_units(model)
+    budget = grasprune.budget_for(units, 0.5)
+    data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(0))
+    train_args = SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1)
+    scores = torch.randn(units.count, device=model.device)
+    costs = units.costs(model.device)
+
+    # The real training loop over `steps` sequences (its setup amortized) vs bare passes over the same.
+    def gate_steps():
+        grasprune.train_gates(model, units, data, budget, train_args)
+
+    def bare_steps():
+        for batch in data.split(1):
+            bare_step(model, batch.to(model.device))
+
+    gate = seconds(gate_steps, args.repeats) / args.steps
+    bare = seconds(bare_steps, args.repeats) / args.steps
+    project = seconds(lambda: grasprune.project_to_budget(scores, costs, budget, units), args.repeats)
+    memory = {}
+    one = SimpleNamespace(**vars(train_args))
+    for name, step in (("gate", lambda: grasprune.train_gates(model, units, data[:1], budget, one)),
+                       ("bare", lambda: bare_step(model, data[:1].to(model.device)))):
+        total = [0]
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with saved_activation_bytes(total):
+            step()
+        memory[name] = {"saved_activation_MiB": total[0] / 2**20}
+        if torch.cuda.is_available():
+            memory[name]["peak_cuda_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    assert all(p.grad is None for p in model.parameters()), "a weight gradient was allocated"
+    print(json.dumps({
+        "model": args.model, "device": str(model.device), "dtype": str(model.dtype), "seq_len": args.seq_len,
+        "threads": torch.get_num_threads(),
+        "gate_step_s": gate, "bare_step_s": bare, "overhead_ratio": gate / bare,
+        "projection_s": project, "projection_share": project / gate, "memory": memory,
+    }, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving
+
+
+@torch.inference_mode()
+def serving_figures(name: str, args) -> dict:
+    """Size, prefill and decode speed of one model, measured in this process."""
+    model, _ = grasprune.load_model(name, args.device, args.dtype)
+    summary = grasprune.model_summary(model)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(model.config.vocab_size, (1, args.prompt_len), generator=g).to(model.device)
+    prefill = seconds(lambda: model(prompt, use_cache=False), args.repeats)
+    figures = {
+        "model": name,
+        "parameters": summary["parameters"],
+        "weight_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "kv_cache_bytes_per_token": summary["kv_cache_bytes_per_token"],
+        "prefill_tokens_per_s": args.prompt_len / prefill,
+    }
+    for batch_size in (1, 8):
+        start = torch.randint(model.config.vocab_size, (batch_size, 16), generator=g).to(model.device)
+        decode = seconds(lambda start=start: model.generate(
+            start, attention_mask=torch.ones_like(start), do_sample=False, max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens, pad_token_id=0), args.repeats)
+        figures[f"decode_tokens_per_s_batch{batch_size}"] = batch_size * args.new_tokens / decode
+    figures["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    if torch.cuda.is_available():
+        figures["peak_cuda_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return figures
+
+
+def serving(args) -> None:
+    if len(args.models) == 1:  # the child process: one model, figures as JSON
+        print(json.dumps(serving_figures(args.models[0], args)))
+        return
+    rows = []
+    options = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    options += [x for k in ("device", "dtype") if getattr(args, k) for x in (f"--{k}", getattr(args, k))]
+    for name in args.models:  # a fresh process per model, so that peak memory is its own
+        cmd = [sys.executable, __file__, "serving", name, *options]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    keys = list(rows[0])[1:]
+    print("| " + " | ".join(["model", *keys]) + " |")
+    print("|" + " --- |" * (len(keys) + 1))
+    for row in rows:
+        cells = [f"{row[k]:,.1f}" if isinstance(row[k], float) else f"{row[k]:,}" for k in keys]
+        print("| " + " | ".join([row["model"], *cells]) + " |")
+    base = rows[0]
+    for row in rows[1:]:
+        print(f"\n{row['model']} vs {base['model']}: weights x{base['weight_MiB'] / row['weight_MiB']:.2f} smaller; "
+              + ", ".join(f"{k} x{row[k] / base[k]:.2f}" for k in keys if "per_s" in k))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("overhead", help="gate-training step vs bare forward+backward")
+    o.add_argument("--model", required=True)
+    o.add_argument("--seq-len", type=int, default=512)
+    o.add_argument("--steps", type=int, default=8, help="training steps per timed run")
+    s = sub.add_parser("serving", help="dense vs pruned: size and speed")
+    s.add_argument("models", nargs="+", help="first the dense model, then pruned checkpoints")
+    s.add_argument("--prompt-len", type=int, default=512)
+    s.add_argument("--new-tokens", type=int, default=128)
+    for q in (o, s):
+        q.add_argument("--repeats", type=int, default=3)
+        q.add_argument("--device")
+        q.add_argument("--dtype")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    overhead(args) if args.command == "overhead" else serving(args)
+
+
+if __name__ == "__main__":
+    main()
