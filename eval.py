@@ -13,7 +13,8 @@
 
     python eval.py --model HuggingFaceTB/SmolLM2-135M --data-dir ../shared/data --output r.json
 
-grasprune.py calls `evaluate()` for its `--eval` report and prints `markdown_table()`.
+From Python (grasprune.py's `--eval` uses `perplexity()`): `evaluate()` runs it all and
+`markdown_table()` sets results side by side.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -174,17 +176,19 @@ def encode_requests(tokenizer, requests: list[tuple[str, str]]) -> list[tuple[li
     return [(c, w[len(c):]) for c, w in zip(context_ids, whole_ids)]
 
 
-class Row(NamedTuple):
+@dataclass
+class Row:
     """A context and the continuations scored after it, packed into one sequence."""
     context: list[int]
-    continuations: list[list[int]]
-    requests: list[int]  # index of each continuation's request
+    continuations: list[list[int]] = field(default_factory=list)
+    requests: list[int] = field(default_factory=list)  # index of each continuation's request
 
-    def __len__(self) -> int:
+    @property
+    def length(self) -> int:
         return len(self.context) + sum(len(c) - 1 for c in self.continuations)
 
 
-def pack(rows: list[Row], dtype: torch.dtype):
+def pack(rows: list[Row], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, position ids and additive 4D attention mask for `rows`, and
     for every scored token its (row, position, target id, request).
 
@@ -192,7 +196,7 @@ def pack(rows: list[Row], dtype: torch.dtype):
     continuation's block sees the context and its own earlier tokens and takes positions
     right after the context, so each choice gets exactly the logits it would get alone.
     """
-    length = max(len(r) for r in rows)
+    length = max(r.length for r in rows)
     ids = torch.zeros(len(rows), length, dtype=torch.long)
     positions = torch.zeros(len(rows), length, dtype=torch.long)
     allowed = torch.eye(length, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees itself
@@ -230,10 +234,12 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     """
     groups: dict[tuple[int, ...], Row] = {}
     for i, (context, continuation) in enumerate(encode_requests(tokenizer, requests)):
-        row = groups.setdefault(tuple(context), Row(context, [], []))
+        if not continuation:  # the harness refuses these too
+            raise ValueError(f"continuation {requests[i][1]!r} has no tokens of its own after {requests[i][0]!r}")
+        row = groups.setdefault(tuple(context), Row(context))
         row.continuations.append(continuation)
         row.requests.append(i)
-    rows = sorted(groups.values(), key=len, reverse=True)
+    rows = sorted(groups.values(), key=lambda r: r.length, reverse=True)
     dtype = next(model.parameters()).dtype
     scores = torch.zeros(len(requests), dtype=torch.float64)
     with tqdm(total=len(requests), desc=desc, unit="choice") as bar:
@@ -348,10 +354,9 @@ def evaluate(model, tokenizer, tasks: tuple[str, ...] = tuple(TASKS), ppl: tuple
         result["perplexity"][source] = {
             "ppl": perplexity(model, tokenizer, text, seq_len, limit_windows=windows),
             "seq_len": min(seq_len, context_length(model)), "seconds": round(time.time() - t, 1)}
-    result["tasks"] = zero_shot(model, tokenizer, tasks, data_dir, limit, batch_size)
-    for task, r in list(result["tasks"].items()):
-        if "error" in r:
-            result["errors"][task] = result["tasks"].pop(task)["error"]
+    scores = zero_shot(model, tokenizer, tasks, data_dir, limit, batch_size)
+    result["tasks"] = {task: r for task, r in scores.items() if "error" not in r}
+    result["errors"].update({task: r["error"] for task, r in scores.items() if "error" in r})
     result["mean"] = mean_of_tasks(result["tasks"])
     result["seconds"] = round(time.time() - start, 1)
     return result
