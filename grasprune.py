@@ -62,9 +62,11 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     return torch.device(device), getattr(torch, dtype)
 
 
-def load_model(name: str, device: str | None = None, dtype: str | None = None):
+def load_model(name: str, device: str | None = None, dtype: str | None = None, device_map: str | dict | None = None):
     """Load a model and its tokenizer from a hub id, a local folder, a .gguf file or a
-    GRASPrune checkpoint. Returns (model, tokenizer), the model in eval mode and frozen."""
+    GRASPrune checkpoint. Returns (model, tokenizer), the model in eval mode and frozen.
+    `device_map` (e.g. "auto") spreads a model too big for one device over several GPUs and
+    CPU memory, through accelerate; it replaces `device`."""
     device, torch_dtype = resolve_device_dtype(device, dtype)
     source, extra, load_extra = name, {}, {}
     if name.endswith(".gguf"):
@@ -85,7 +87,7 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None):
         )
     # A pruned checkpoint loads through the same classes that its auto_map names.
     model_cls = PRUNED_CLASSES[config.model_type] if config.is_heterogeneous else AutoModelForCausalLM
-    model = model_cls.from_pretrained(source, dtype=torch_dtype, device_map=str(device), **load_extra)
+    model = model_cls.from_pretrained(source, dtype=torch_dtype, device_map=device_map or str(device), **load_extra)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     model.eval().requires_grad_(False)
     return model, tokenizer
@@ -462,8 +464,19 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
         "mlp.down_proj.weight": ffn_gate[ffn_kept],
         "self_attn.o_proj.weight": kv_gate[kv_kept].repeat_interleave(q_width),
     }
+    # Under accelerate dispatch (--device-map) the layer carries a hook, and offloaded weights
+    # live in it: onload them, and give the sliced layer, held whole on the layer's execution
+    # device, a hook that keeps moving its inputs there.
+    hook = getattr(layer, "_hf_hook", None)
+    if hook is None:
+        weights, device = layer.state_dict(), None
+    else:
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+        weights, device = get_state_dict_offloaded_model(layer), hook.execution_device
     state = {}
-    for name, param in layer.state_dict().items():
+    for name, param in weights.items():
+        param = param.to(device or param.device)
         if name in UNIT_SLICES:
             kind, dim = UNIT_SLICES[name]
             param = param.index_select(dim, index[kind].to(param.device))
@@ -473,6 +486,10 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
     with torch.device("meta"):
         sliced = type(layer)(layer_config, layer.self_attn.layer_idx)
     sliced.load_state_dict(state, assign=True)
+    if hook is not None:
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+        add_hook_to_module(sliced, AlignDevicesHook(execution_device=device))
     return sliced.requires_grad_(False)
 
 
@@ -582,6 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device-map", help="auto: spread a model too big for one GPU over all GPUs and CPU memory")
     p.add_argument("--eval", action="store_true", help="WikiText-2 test perplexity: dense, masked, final")
     p.add_argument("--eval-windows", type=int, help="with --eval: only the first N 2048-token windows (quick runs)")
     args = p.parse_args(argv)
@@ -616,7 +634,7 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     text = None if args.calib == "self" else load_text(args.calib, args.calib_split, args.data_dir)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     units = find_units(model)
     budget = budget_for(units, args.sparsity)
     before = model_summary(model)

@@ -141,6 +141,31 @@ def test_masked_equals_sliced_equals_reloaded(name, tmp_path, tokenizer):
         assert remote(out[:, :step]).logits[0, -1].argmax() == out[0, step]
 
 
+def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
+    """--device-map: accelerate hooks on every module and a layer offloaded to disk (what a CPU-only
+    machine allows of a multi-GPU split); gates train, slicing onloads it, save and reload agree."""
+    tiny_model("qwen2").save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model, _ = grasprune.load_model(str(tmp_path / "dense"), device_map=device_map)
+    assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # really offloaded
+    units = grasprune.find_units(model)
+    budget = grasprune.budget_for(units, 0.4)
+    _, history = grasprune.train_gates(model, units, torch.randint(VOCAB, (2, 16)), budget, train_args())
+    assert all(budget - units.kv_cost < h["kept_cost"] <= budget for h in history)
+    gate = random_gate(units, seed=6)
+    ids = inputs()
+    with grasprune.gated(model, units) as gates:
+        gates.values = gate
+        masked = model(ids).logits
+    grasprune.slice_model(model, units, gate)
+    sliced = model(ids).logits
+    torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-5)
+    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
+    assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, sliced)
+
+
 def test_unit_costs_are_what_slicing_removes():
     for name in TINY:
         model = tiny_model(name)
