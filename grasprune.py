@@ -21,6 +21,7 @@ Usage: python grasprune.py --model meta-llama/Llama-2-7b-hf --sparsity 0.5
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import math
 import platform
@@ -33,7 +34,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -679,7 +679,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = layer_table(model, units)
     report = {
         "settings": {k: v for k, v in vars(args).items()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"python": platform.python_version()}
+        | {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "datasets", "accelerate")},
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
         "units": vars(units),
