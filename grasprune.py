@@ -615,12 +615,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def wikitext2_perplexity(model, tokenizer, args) -> float:
-    """WikiText-2 test perplexity with eval.py's protocol (2048-token windows)."""
+EVAL_PROMPT = "The capital of France is"
+
+
+def quality(model, tokenizer, text: str, args) -> dict:
+    """--eval: WikiText-2 test perplexity with eval.py's protocol (2048-token windows), and one
+    prompt's greedy continuation with its decode speed (batch 1), to see what pruning did."""
     import eval as evaluation
 
-    text = load_text("wikitext2", "test", args.data_dir)
-    return evaluation.perplexity(model, tokenizer, text, seq_len=2048, limit_windows=args.eval_windows)
+    ppl = evaluation.perplexity(model, tokenizer, text, seq_len=2048, limit_windows=args.eval_windows)
+    prompt = tokenizer(EVAL_PROMPT, return_tensors="pt").input_ids.to(model.device)
+    start = time.perf_counter()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
+                         min_new_tokens=32, pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    return {"perplexity": ppl, "decode_tokens_per_s": 32 / seconds,
+            "continuation": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -634,6 +644,7 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     text = None if args.calib == "self" else load_text(args.calib, args.calib_split, args.data_dir)
+    eval_text = load_text("wikitext2", "test", args.data_dir) if args.eval else None
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     units = find_units(model)
     budget = budget_for(units, args.sparsity)
@@ -648,9 +659,9 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[grasprune] {units.count:,} units ({units.num_ffn:,} FFN channels of {units.ffn_cost:,} params, "
           f"{units.count - units.num_ffn:,} KV groups of {units.kv_cost:,}); budget {budget:,} of {units.total_cost:,}")
 
-    quality = {}
+    evaluations = {}
     if args.eval:
-        quality["dense"] = wikitext2_perplexity(model, tokenizer, args)
+        evaluations["dense"] = quality(model, tokenizer, eval_text, args)
         lap("eval_dense")
 
     with activation_checkpointing(model, args.gradient_checkpointing):
@@ -660,7 +671,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.eval:
         with gated(model, units) as gates:
             gates.values = mask.float()
-            quality["masked"] = wikitext2_perplexity(model, tokenizer, args)
+            evaluations["masked"] = quality(model, tokenizer, eval_text, args)
         lap("eval_masked")
 
     if args.no_rescale:
@@ -673,12 +684,12 @@ def run(args: argparse.Namespace) -> dict:
     after = model_summary(model)
     lap("slicing")
     if args.eval:
-        quality["pruned"] = wikitext2_perplexity(model, tokenizer, args)
+        evaluations["pruned"] = quality(model, tokenizer, eval_text, args)
         lap("eval_pruned")
 
     rows = layer_table(model, units)
     report = {
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": dict(vars(args)),
         "versions": {"python": platform.python_version()}
         | {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "datasets", "accelerate")},
         "device": str(model.device),
@@ -691,7 +702,7 @@ def run(args: argparse.Namespace) -> dict:
         "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
         "final_flips": history[-1]["flips"],
         "final_loss": history[-1]["loss"],
-        "wikitext2_test_perplexity": quality,
+        "eval": evaluations,
         "layers": rows,
         "seconds": timings,
     }
@@ -700,8 +711,9 @@ def run(args: argparse.Namespace) -> dict:
           f"({report['parameters_removed']:.2%} removed); prunable {before['prunable_parameters']:,} -> "
           f"{after['prunable_parameters']:,} ({report['prunable_removed']:.2%} removed); KV cache "
           f"{before['kv_cache_bytes_per_token']:,} -> {after['kv_cache_bytes_per_token']:,} bytes/token")
-    if quality:
-        print("[grasprune] WikiText-2 test perplexity: " + ", ".join(f"{k} {v:.2f}" for k, v in quality.items()))
+    for name, q in evaluations.items():
+        print(f"[grasprune] {name:>6}: WikiText-2 test perplexity {q['perplexity']:.2f}, decode "
+              f"{q['decode_tokens_per_s']:.1f} tokens/s, {EVAL_PROMPT!r} -> {q['continuation']!r}")
     save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
     print(f"[grasprune] saved {args.output}")
     return report

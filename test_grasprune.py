@@ -296,7 +296,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
         model = tiny_model("llama-gqa-bias")
         units = grasprune.find_units(model)
         calls = []
-        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         with grasprune.activation_checkpointing(model, enabled):
             results.append(grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), train_args()))
         assert len(calls) == 4 * (2 if enabled else 1)  # 4 steps; checkpointing reruns the forward
@@ -351,18 +351,32 @@ def cli(*argv: str) -> tuple[int, str]:
 
 
 def test_cli_prunes_to_the_requested_sparsity(tiny_folder):
+    import datasets
+
+    import eval as evaluation
+
+    data_dir = tiny_folder / "data"
+    (data_dir / "wikitext-2-raw-v1").mkdir(parents=True)
+    rows = [text_corpus(words=400, seed=s) for s in range(10, 20)]
+    datasets.Dataset.from_dict({"text": rows}).to_parquet(data_dir / "wikitext-2-raw-v1" / "test.parquet")
     out = tiny_folder / "out"
     code, err = cli("--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib", str(tiny_folder / "calib.txt"),
-                    "--nsamples", "4", "--seq-len", "16", "--epochs", "1", "--output", str(out))
+                    "--nsamples", "4", "--seq-len", "16", "--epochs", "1", "--output", str(out),
+                    "--eval", "--data-dir", str(data_dir))
     assert code == 0, err
     report = json.loads((out / "grasprune_report.json").read_text())
-    model, _ = grasprune.load_model(str(out))
+    model, tokenizer = grasprune.load_model(str(out))
     summary = grasprune.model_summary(model)
     assert summary == report["after"]
+    # --eval reports what eval.py measures on the dense model and on the saved checkpoint.
+    text = "\n\n".join(rows)
+    dense, _ = grasprune.load_model(str(tiny_folder / "tiny"))
+    assert report["eval"]["dense"]["perplexity"] == pytest.approx(evaluation.perplexity(dense, tokenizer, text, 2048))
+    assert report["eval"]["pruned"]["perplexity"] == pytest.approx(evaluation.perplexity(model, tokenizer, text, 2048))
     units = report["units"]
     removed = report["before"]["prunable_parameters"] - summary["prunable_parameters"]
     assert 0 <= removed - 0.3 * report["before"]["prunable_parameters"] < units["kv_cost"]
-    assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "out", "tiny"]
+    assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "data", "out", "tiny"]
 
 
 BAD_INPUTS = {
