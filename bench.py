@@ -2,6 +2,9 @@
 
   python bench.py overhead --model M      gate-training step vs a bare forward+backward of the
                                           frozen model, saved-activation memory, projection share
+  python bench.py memory                  gate-training memory of LLaMA-2-7B (bf16, 512 tokens):
+                                          activations measured on 1- and 2-layer random-weight
+                                          models of its shapes, extrapolated to 32 layers
   python bench.py serving M1 M2 ...       parameters, weight and KV-cache bytes, prefill and decode
                                           speed, peak memory; each model in its own process
 
@@ -100,6 +103,42 @@ def overhead(args) -> None:
     }, indent=2))
 
 
+LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096}
+
+
+def memory(args) -> None:
+    """Peak memory of gate training for LLaMA-2-7B, from what one step saves for backward.
+    With 1 and 2 layers the difference is one layer's activations; the rest (embeddings, logits,
+    loss) is fixed. Checkpointing keeps only each layer's input, plus one layer being recomputed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    saved = {}
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        config = LlamaConfig(**LLAMA2_7B, num_hidden_layers=layers)
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
+        units = grasprune.find_units(model)
+        data = torch.randint(config.vocab_size, (1, args.seq_len))
+        total = [0]
+        with saved_activation_bytes(total):
+            grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5),
+                                  SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1))
+        saved[layers] = total[0]
+        units_count = units.count // layers
+    per_layer, fixed = saved[2] - saved[1], 2 * saved[1] - saved[2]
+    weights = 6_738_415_616 * 2  # LLaMA-2-7B parameters in bf16
+    gates = 32 * units_count * 4 * 4  # fp32 scores, their gradient, Adam's two moments
+    layer_input = args.seq_len * LLAMA2_7B["hidden_size"] * 2
+    gib = 2**30
+    print(json.dumps({
+        "seq_len": args.seq_len, "per_layer_activations_GiB": per_layer / gib, "fixed_activations_GiB": fixed / gib,
+        "weights_GiB": weights / gib, "gate_state_GiB": gates / gib,
+        "estimate_GiB": (weights + gates + fixed + 32 * per_layer) / gib,
+        "estimate_with_checkpointing_GiB": (weights + gates + fixed + 32 * layer_input + per_layer) / gib,
+    }, indent=2))
+
+
 # ----------------------------------------------------------------------------------------------
 # Serving
 
@@ -161,6 +200,8 @@ def main() -> None:
     o.add_argument("--model", required=True)
     o.add_argument("--seq-len", type=int, default=512)
     o.add_argument("--steps", type=int, default=8, help="training steps per timed run")
+    m = sub.add_parser("memory", help="gate-training memory of LLaMA-2-7B, extrapolated from 1 and 2 layers")
+    m.add_argument("--seq-len", type=int, default=512)
     s = sub.add_parser("serving", help="dense vs pruned: size and speed")
     s.add_argument("models", nargs="+", help="first the dense model, then pruned checkpoints")
     s.add_argument("--prompt-len", type=int, default=512)
@@ -171,7 +212,7 @@ def main() -> None:
         q.add_argument("--dtype")
     args = p.parse_args()
     torch.manual_seed(0)
-    overhead(args) if args.command == "overhead" else serving(args)
+    {"overhead": overhead, "memory": memory, "serving": serving}[args.command](args)
 
 
 if __name__ == "__main__":
