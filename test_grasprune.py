@@ -99,6 +99,17 @@ def inputs(seed: int = 0) -> torch.Tensor:
     return torch.randint(VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
+def masked_then_sliced(model, units: Units, gate: torch.Tensor, ids: torch.Tensor):
+    """Logits of the gated model, then of the same model sliced in place; checks they agree."""
+    with grasprune.gated(model, units) as gates:
+        gates.values = gate
+        masked = model(ids).logits
+    grasprune.slice_model(model, units, gate)
+    sliced = model(ids).logits
+    torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-5)
+    return sliced
+
+
 # ----------------------------------------------------------------------------------------------
 # Gates, slicing, saving
 
@@ -120,13 +131,7 @@ def test_masked_equals_sliced_equals_reloaded(name, tmp_path, tokenizer):
     units = grasprune.find_units(model)
     gate = random_gate(units, seed=1)
     ids = inputs()
-    with grasprune.gated(model, units) as gates:
-        gates.values = gate
-        masked = model(ids).logits
-
-    grasprune.slice_model(model, units, gate)
-    sliced = model(ids).logits
-    torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-5)
+    sliced = masked_then_sliced(model, units, gate, ids)
     kept = units.ffn(gate).count_nonzero(1).tolist()
     assert [layer.mlp.up_proj.out_features for layer in model.model.layers] == kept
 
@@ -154,14 +159,8 @@ def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
     budget = grasprune.budget_for(units, 0.4)
     _, history = grasprune.train_gates(model, units, torch.randint(VOCAB, (2, 16)), budget, train_args())
     assert all(budget - units.kv_cost < h["kept_cost"] <= budget for h in history)
-    gate = random_gate(units, seed=6)
     ids = inputs()
-    with grasprune.gated(model, units) as gates:
-        gates.values = gate
-        masked = model(ids).logits
-    grasprune.slice_model(model, units, gate)
-    sliced = model(ids).logits
-    torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-5)
+    sliced = masked_then_sliced(model, units, random_gate(units, seed=6), ids)
     grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
     assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, sliced)
 
