@@ -404,15 +404,14 @@ def train_gates(model, units: Units, data: torch.Tensor, budget: int, args) -> t
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                flips = 0 if previous is None else int((hard != previous).sum())
+                # Every figure of the step in one device-to-host copy (float64 holds the costs exactly).
+                flipped = hard != (hard if previous is None else previous)
+                figures = (loss.detach(), costs[hard].sum(), flipped.sum(), units.ffn(hard).sum(), units.kv(hard).sum())
+                loss_value, kept_cost, flips, ffn, kv = torch.stack([f.double() for f in figures]).tolist()
                 previous = hard
-                history.append({"loss": loss.item(), "kept_cost": int(costs[hard].sum()), "flips": flips})
-                bar.set_postfix(
-                    loss=f"{history[-1]['loss']:.3f}",
-                    ffn=f"{units.ffn(hard).float().mean():.3f}",
-                    kv=f"{units.kv(hard).float().mean():.3f}",
-                    flips=flips,
-                )
+                history.append({"loss": loss_value, "kept_cost": int(kept_cost), "flips": int(flips)})
+                bar.set_postfix(loss=f"{loss_value:.3f}", ffn=f"{ffn / units.num_ffn:.3f}",
+                                kv=f"{kv / (units.count - units.num_ffn):.3f}", flips=int(flips))
                 bar.update()
     return scores.detach(), history
 
