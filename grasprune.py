@@ -34,10 +34,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from modeling_grasprune import PRUNED_CLASSES
+from modeling_grasprune import PRUNED_CLASSES, build_layer
 
 SUPPORTED_MODEL_TYPES = tuple(PRUNED_CLASSES)
 MODELING_FILE = Path(__file__).with_name("modeling_grasprune.py")
@@ -305,24 +306,27 @@ def gated(model, units: Units):
 # 5. Projection onto the global budget
 
 
-def budget_for(units: Units, sparsity: float) -> int:
+def budget_for(units: Units, sparsity: float, kv_floor: int = 1) -> int:
     """Parameters that the kept units may hold: (1 - sparsity) of all prunable parameters.
-    The per-layer minimum (one FFN channel, one KV group) is reserved inside it."""
+    The per-layer minimum (one FFN channel, and `kv_floor` KV groups: 1, or 0 to let a layer
+    lose its whole attention block) is reserved inside it."""
     budget = math.floor((1.0 - sparsity) * units.total_cost)
-    reserve = units.num_layers * (units.ffn_cost + units.kv_cost)
+    reserve = units.num_layers * (units.ffn_cost + kv_floor * units.kv_cost)
     if budget < reserve:
         raise UsageError(
             f"sparsity {sparsity} leaves {budget} parameters, fewer than the {reserve} needed to keep "
-            "one FFN channel and one KV group in every layer"
+            f"one FFN channel{' and one KV group' if kv_floor else ''} in every layer"
         )
     return budget
 
 
 @torch.no_grad()
-def project_to_budget(scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units) -> torch.Tensor:
+def project_to_budget(
+    scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units, kv_floor: int = 1
+) -> torch.Tensor:
     """Hard 0/1 mask of the highest-scoring units that fit the budget (boolean, flat layout).
 
-    Each layer's best FFN channel and best KV group are reserved first; the other units are then
+    Each layer's best FFN channel and (with kv_floor 1) best KV group are reserved first; the other units are then
     taken greedily by score, skipping any that no longer fits. The kept cost never exceeds the
     budget and falls short of it by less than the cost of the cheapest skipped unit.
     Ties are broken by unit index (a stable sort; argmax takes the first maximum), so with every
@@ -332,7 +336,8 @@ def project_to_budget(scores: torch.Tensor, costs: torch.Tensor, budget: int, un
     keep = torch.zeros_like(scores, dtype=torch.bool)
     layer_starts = torch.arange(units.num_layers, device=scores.device)
     keep[units.ffn(scores).argmax(1) + layer_starts * units.ffn_per_layer] = True
-    keep[units.kv(scores).argmax(1) + layer_starts * units.kv_per_layer + units.num_ffn] = True
+    if kv_floor:
+        keep[units.kv(scores).argmax(1) + layer_starts * units.kv_per_layer + units.num_ffn] = True
     remaining = budget - int(costs[keep].sum())
     order = torch.argsort(scores, descending=True, stable=True)
     candidates = order[~keep[order]]
@@ -368,6 +373,47 @@ def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
+def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Tensor, kind: str) -> torch.Tensor:
+    """The loss of gate training and scaling calibration, with `values` in the gates.
+    lm: next-token cross-entropy on the calibration text (the paper's). kd: KL divergence from
+    the dense model's next-token distribution to the gated model's; the teacher is the same
+    network with every gate at 1, so no second model is held (one extra forward, no backward)."""
+    if kind == "lm":
+        gates.values = values
+        return lm_loss(model, batch)
+    batch = batch.to(model.device)
+    with torch.no_grad():
+        gates.values = torch.ones_like(values)
+        teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+    gates.values = values
+    student = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
+    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+IMPORTANCE_BATCHES = 32
+
+
+def importance_scores(model, units: Units, data: torch.Tensor, budget: int, args) -> torch.Tensor:
+    """Informed initial scores (--init importance) instead of all zeros. A unit's importance is
+    the empirical Fisher of its gate, mean (dL/dg)^2 with every unit kept over the first
+    IMPORTANCE_BATCHES calibration batches: a second-order estimate of the loss its removal
+    costs. Divided by the unit's parameter cost (loss per parameter makes FFN channels and KV
+    groups comparable), on a log scale, standardized, and shifted so the best unit left out of
+    the first mask sits at 0, where the straight-through gradient is largest."""
+    fisher = torch.zeros(units.count, device=model.device)
+    values = torch.ones(units.count, device=model.device, requires_grad=True)
+    batches = data.split(args.batch_size)[:IMPORTANCE_BATCHES]
+    with gated(model, units) as gates:
+        for batch in tqdm(batches, desc="unit importance"):
+            (grad,) = torch.autograd.grad(calibration_loss(model, gates, values, batch, "lm"), values)
+            fisher += grad.double().square().float() / len(batches)
+    costs = units.costs(model.device)
+    log_ratio = (fisher / costs).clamp_min(torch.finfo(torch.float32).tiny).log()
+    z = (log_ratio - log_ratio.mean()) / log_ratio.std()
+    left_out = ~project_to_budget(z, costs, budget, units, args.kv_floor)
+    return z - z[left_out].max() if left_out.any() else z
+
+
 @contextlib.contextmanager
 def activation_checkpointing(model, enabled: bool):
     """Recompute each decoder layer's activations in the backward pass instead of storing them
@@ -386,24 +432,33 @@ def activation_checkpointing(model, enabled: bool):
         model.eval()
 
 
-def train_gates(model, units: Units, data: torch.Tensor, budget: int, args) -> tuple[torch.Tensor, list[dict]]:
-    """Learn one score per unit under the global budget; the backbone stays frozen.
-    Returns the final scores and, per step, the loss, the kept cost and how many units flipped."""
+def train_gates(
+    model, units: Units, data: torch.Tensor, budget: int, args,
+    scores: torch.Tensor | None = None, project=project_to_budget,
+) -> tuple[torch.Tensor, list[dict]]:
+    """Learn one score per unit under the global budget; the backbone stays frozen. Scores start
+    at `scores` (default: all 0, the paper's). `project` maps scores to the hard mask (the
+    ablations swap in other rules). Returns the final scores and, per step, the loss, the kept
+    cost and how many units flipped."""
     device = model.device
     costs = units.costs(device)
-    scores = torch.zeros(units.count, device=device, requires_grad=True)
+    scores = (torch.zeros(units.count, device=device) if scores is None else scores.clone()).requires_grad_()
     optimizer = torch.optim.AdamW([scores], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     batches = data.split(args.batch_size)
+    steps = args.epochs * len(batches)
+    # cosine: the learning rate decays to 0, so late steps stop reshuffling the units at the cut.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if args.schedule == "cosine" else None
     history, previous = [], None
-    with gated(model, units) as gates, tqdm(total=args.epochs * len(batches), desc="gate training") as bar:
+    with gated(model, units) as gates, tqdm(total=steps, desc="gate training") as bar:
         for _ in range(args.epochs):
             for batch in batches:
-                hard = project_to_budget(scores.detach(), costs, budget, units)
-                gates.values = straight_through(scores, hard.float(), args.tau)
-                loss = lm_loss(model, batch)
+                hard = project(scores.detach(), costs, budget, units, args.kv_floor)
+                loss = calibration_loss(model, gates, straight_through(scores, hard.float(), args.tau), batch, args.loss)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if schedule is not None:
+                    schedule.step()
                 # Every figure of the step in one device-to-host copy (float64 holds the costs exactly).
                 flipped = hard != (hard if previous is None else previous)
                 figures = (loss.detach(), costs[hard].sum(), flipped.sum(), units.ffn(hard).sum(), units.kv(hard).sum())
@@ -434,8 +489,7 @@ def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor
     batches = data.split(args.batch_size)
     with gated(model, units) as gates, tqdm(batches, desc="scaling calibration") as bar:
         for batch in bar:
-            gates.values = scale_values(mask, t)
-            loss = lm_loss(model, batch)
+            loss = calibration_loss(model, gates, scale_values(mask, t), batch, args.loss)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -483,8 +537,10 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
             param = (param.float() * fold[name].to(param.device)).to(param.dtype)
         state[name] = param
     with torch.device("meta"):
-        sliced = type(layer)(layer_config, layer.self_attn.layer_idx)
-    sliced.load_state_dict(state, assign=True)
+        sliced = build_layer(type(layer), layer_config, layer.self_attn.layer_idx)
+    # A layer left with no KV group drops its q/k/v projections and input norm (NoAttention).
+    wanted = sliced.state_dict().keys()
+    sliced.load_state_dict({name: param for name, param in state.items() if name in wanted}, assign=True)
     if hook is not None:
         from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
@@ -518,13 +574,19 @@ def slice_model(model, units: Units, gate: torch.Tensor):
 # 9. Reporting and saving
 
 
+def kv_width_of(layer) -> int:
+    """Rows of a decoder layer's k_proj (0 when the layer has no attention left)."""
+    k_proj = getattr(layer.self_attn, "k_proj", None)
+    return 0 if k_proj is None else k_proj.out_features
+
+
 def model_summary(model) -> dict:
     """Parameter counts (tied tensors once), prunable parameters (those owned by units) and
     KV-cache bytes per token of a dense or pruned model."""
     prunable = sum(
         p.numel() for layer in model.model.layers for n, p in layer.named_parameters() if n in UNIT_SLICES
     )
-    kv_width = sum(layer.self_attn.k_proj.out_features for layer in model.model.layers)
+    kv_width = sum(kv_width_of(layer) for layer in model.model.layers)
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "prunable_parameters": prunable,
@@ -536,7 +598,7 @@ def layer_table(model, units: Units) -> list[dict]:
     """Kept FFN channels, KV groups and query heads of every layer, with its parameters."""
     rows = []
     for i, layer in enumerate(model.model.layers):
-        kv = layer.self_attn.k_proj.out_features // units.head_dim
+        kv = kv_width_of(layer) // units.head_dim
         rows.append({
             "layer": i,
             "ffn_channels": layer.mlp.gate_proj.out_features,
@@ -593,6 +655,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4, help="epochs of gate training")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (gate scores and scales)")
     p.add_argument("--tau", type=float, default=1.5, help="temperature of the straight-through sigmoid")
+    p.add_argument("--init", choices=("zeros", "importance"), default="zeros",
+                   help="initial gate scores: all 0 (paper) or Fisher importance per parameter")
+    p.add_argument("--loss", choices=("lm", "kd"), default="lm",
+                   help="lm: next-token loss (paper); kd: distill the dense model's own predictions")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate of gate training")
+    p.add_argument("--kv-floor", type=int, choices=(0, 1), default=1,
+                   help="KV groups every layer keeps; 0 lets a layer drop its whole attention block")
     p.add_argument("--no-rescale", action="store_true", help="skip the scaling calibration")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     p.add_argument("--seed", type=int, default=0)
@@ -646,7 +716,7 @@ def run(args: argparse.Namespace) -> dict:
     eval_text = load_text("wikitext2", "test", args.data_dir) if args.eval else None
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
     units = find_units(model)
-    budget = budget_for(units, args.sparsity)
+    budget = budget_for(units, args.sparsity, args.kv_floor)
     before = model_summary(model)
     lap("load")
 
@@ -664,8 +734,9 @@ def run(args: argparse.Namespace) -> dict:
         lap("eval_dense")
 
     with activation_checkpointing(model, args.gradient_checkpointing):
-        scores, history = train_gates(model, units, data, budget, args)
-    mask = project_to_budget(scores, units.costs(scores.device), budget, units)
+        init = importance_scores(model, units, data, budget, args) if args.init == "importance" else None
+        scores, history = train_gates(model, units, data, budget, args, init)
+    mask = project_to_budget(scores, units.costs(scores.device), budget, units, args.kv_floor)
     lap("gate_training")
     if args.eval:
         with gated(model, units) as gates:
@@ -700,6 +771,7 @@ def run(args: argparse.Namespace) -> dict:
         "parameters_removed": 1 - after["parameters"] / before["parameters"],
         "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
         "final_flips": history[-1]["flips"],
+        "mean_flips_last_tenth": sum(h["flips"] for h in history[-max(1, len(history) // 10):]) / max(1, len(history) // 10),
         "final_loss": history[-1]["loss"],
         "eval": evaluations,
         "layers": rows,

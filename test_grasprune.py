@@ -32,6 +32,7 @@ from transformers import (
 
 import grasprune
 from grasprune import Units
+from modeling_grasprune import NoAttention
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent / "shared" / "data"
@@ -125,15 +126,19 @@ def test_all_units_kept_computes_the_original_model(name):
         assert torch.equal(model(ids).logits, reference)
 
 
+@pytest.mark.parametrize("empty_attention", [False, True])
 @pytest.mark.parametrize("name", TINY)
-def test_masked_equals_sliced_equals_reloaded(name, tmp_path, tokenizer):
+def test_masked_equals_sliced_equals_reloaded(name, empty_attention, tmp_path, tokenizer):
     model = tiny_model(name)
     units = grasprune.find_units(model)
     gate = random_gate(units, seed=1)
+    if empty_attention:  # --kv-floor 0: layer 1 keeps no KV group, its attention block is skipped
+        units.kv(gate)[1] = 0.0
     ids = inputs()
     sliced = masked_then_sliced(model, units, gate, ids)
     kept = units.ffn(gate).count_nonzero(1).tolist()
     assert [layer.mlp.up_proj.out_features for layer in model.model.layers] == kept
+    assert isinstance(model.model.layers[1].self_attn, NoAttention) == empty_attention
 
     grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
     plain, _ = grasprune.load_model(str(tmp_path / "out"))
@@ -141,6 +146,7 @@ def test_masked_equals_sliced_equals_reloaded(name, tmp_path, tokenizer):
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert torch.equal(remote(ids).logits, sliced)
     # Generation with a KV cache of per-layer widths matches a cache-free greedy decode.
+    assert (type(remote.model.layers[1].self_attn).__name__ == "NoAttention") == empty_attention
     out = remote.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
     for step in range(5, out.shape[1]):
         assert remote(out[:, :step]).logits[0, -1].argmax() == out[0, step]
@@ -194,7 +200,7 @@ def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path, tokenizer):
 # Budget projection
 
 
-def greedy_reference(scores, costs, budget, units):
+def greedy_reference(scores, costs, budget, units, kv_floor):
     """The projection written as a plain loop: reserve each layer's best units, then take units in
     order of score (ties by index) whenever they still fit."""
     keep = set()
@@ -202,7 +208,8 @@ def greedy_reference(scores, costs, budget, units):
         ffn = units.ffn(scores)[layer].tolist()
         kv = units.kv(scores)[layer].tolist()
         keep.add(layer * units.ffn_per_layer + ffn.index(max(ffn)))
-        keep.add(units.num_ffn + layer * units.kv_per_layer + kv.index(max(kv)))
+        if kv_floor:
+            keep.add(units.num_ffn + layer * units.kv_per_layer + kv.index(max(kv)))
     remaining = budget - sum(costs[i] for i in keep)
     for i in sorted(range(units.count), key=lambda i: (-scores[i].item(), i)):
         if i not in keep and costs[i] <= remaining:
@@ -211,8 +218,9 @@ def greedy_reference(scores, costs, budget, units):
     return torch.tensor([i in keep for i in range(units.count)])
 
 
+@pytest.mark.parametrize("kv_floor", [1, 0])
 @pytest.mark.parametrize("seed", range(6))
-def test_projection_is_the_greedy_budget_fill(seed):
+def test_projection_is_the_greedy_budget_fill(seed, kv_floor):
     g = torch.Generator().manual_seed(seed)
     units = Units(num_layers=4, ffn_per_layer=30, kv_per_layer=3, heads_per_group=2, head_dim=4,
                   ffn_cost=7 + seed, kv_cost=50 + 3 * seed)
@@ -220,12 +228,12 @@ def test_projection_is_the_greedy_budget_fill(seed):
     # Few distinct values, so that ties occur and tie-breaking is tested too.
     scores = torch.randint(-4, 5, (units.count,), generator=g).float() / 2
     for sparsity in (0.1, 0.35, 0.6, 0.8):
-        budget = grasprune.budget_for(units, sparsity)
-        keep = grasprune.project_to_budget(scores, costs, budget, units)
-        assert torch.equal(keep, greedy_reference(scores, costs.tolist(), budget, units))
+        budget = grasprune.budget_for(units, sparsity, kv_floor)
+        keep = grasprune.project_to_budget(scores, costs, budget, units, kv_floor)
+        assert torch.equal(keep, greedy_reference(scores, costs.tolist(), budget, units, kv_floor))
         kept = int(costs[keep].sum())
         assert budget - units.kv_cost < kept <= budget
-        assert units.ffn(keep).any(1).all() and units.kv(keep).any(1).all()
+        assert units.ffn(keep).any(1).all() and (units.kv(keep).any(1).all() or not kv_floor)
 
 
 def test_projection_ties_follow_unit_index():
@@ -249,6 +257,27 @@ def test_budget_too_small_is_refused():
         grasprune.budget_for(units, 0.71)
 
 
+def test_ablation_mask_rules_keep_the_budget():
+    """ablate.py's rules for the paper's ablations: same budget, and each its own constraint."""
+    import ablate
+
+    units = Units(num_layers=4, ffn_per_layer=30, kv_per_layer=3, heads_per_group=2, head_dim=4,
+                  ffn_cost=7, kv_cost=50)
+    costs = units.costs(torch.device("cpu"))
+    scores = torch.randn(units.count, generator=torch.Generator().manual_seed(0))
+    budget = grasprune.budget_for(units, 0.5)
+    for rule in (ablate.uniform, ablate.only("ffn"), ablate.per_parameter):
+        keep = rule(scores, costs, budget, units, 1)
+        assert int(costs[keep].sum()) <= budget and units.ffn(keep).any(1).all() and units.kv(keep).any(1).all()
+    share = budget // units.num_layers
+    per_layer = units.ffn(costs * ablate.uniform(scores, costs, budget, units, 1)).sum(1) + units.kv(
+        costs * ablate.uniform(scores, costs, budget, units, 1)).sum(1)
+    assert (per_layer <= share).all() and (per_layer > share - units.kv_cost).all()
+    assert units.kv(ablate.only("ffn")(scores, costs, budget, units, 1)).all()
+    with pytest.raises(grasprune.UsageError, match="kv-only pruning cannot reach"):
+        ablate.only("kv")(scores, costs, budget, units, 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -265,27 +294,63 @@ def test_straight_through_is_hard_forward_and_sigmoid_backward():
 
 
 def train_args(**overrides):
-    return SimpleNamespace(**{"lr": 1e-2, "tau": 1.5, "epochs": 2, "batch_size": 2} | overrides)
+    return SimpleNamespace(**{"lr": 1e-2, "tau": 1.5, "epochs": 2, "batch_size": 2, "loss": "lm", "schedule": "constant",
+                               "kv_floor": 1} | overrides)
 
 
+SWITCHES = {"published": {}, "every switch": {"loss": "kd", "schedule": "cosine", "kv_floor": 0}}
+
+
+@pytest.mark.parametrize("switches", SWITCHES)
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3"])
-def test_training_keeps_the_budget_moves_every_score_and_freezes_the_backbone(name):
+def test_training_keeps_the_budget_moves_every_score_and_freezes_the_backbone(name, switches):
     model = tiny_model(name)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     units = grasprune.find_units(model)
-    budget = grasprune.budget_for(units, 0.4)
+    args = train_args(**SWITCHES[switches])
+    budget = grasprune.budget_for(units, 0.4, args.kv_floor)
     data = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
-    scores, history = grasprune.train_gates(model, units, data, budget, train_args())
+    init = grasprune.importance_scores(model, units, data, budget, args) if switches != "published" else None
+    scores, history = grasprune.train_gates(model, units, data, budget, args, init)
     assert len(history) == 2 * 3
     assert all(budget - units.kv_cost < h["kept_cost"] <= budget for h in history)
-    assert (scores != 0).all()
+    assert (scores != (0 if init is None else init)).all()
     gate = grasprune.calibrate_scales(model, units, grasprune.project_to_budget(
-        scores, units.costs(scores.device), budget, units), data, train_args())
+        scores, units.costs(scores.device), budget, units, args.kv_floor), data, args)
     kept = gate != 0
     assert (gate[kept] != 1).all() and ((gate[kept] - 1).abs() < 0.5).all()
     for key, value in model.state_dict().items():
         assert torch.equal(value, frozen[key]), key
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_importance_ranks_a_unit_that_changes_nothing_last():
+    """--init importance: a channel whose down_proj column is zero has zero gate gradient, hence
+    the lowest score; the scores are standardized, with the best unit left out of the mask at 0."""
+    model = tiny_model("llama-gqa-bias")
+    model.model.layers[1].mlp.down_proj.weight[:, 7] = 0.0
+    units = grasprune.find_units(model)
+    budget = grasprune.budget_for(units, 0.5)
+    data = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    scores = grasprune.importance_scores(model, units, data, budget, train_args())
+    assert scores.argmin() == units.ffn_per_layer + 7
+    torch.testing.assert_close(scores.std(), torch.tensor(1.0))
+    left_out = ~grasprune.project_to_budget(scores, units.costs(scores.device), budget, units)
+    assert scores[left_out].max() == 0
+    assert torch.equal(scores, grasprune.importance_scores(model, units, data, budget, train_args()))
+
+
+def test_distillation_loss_is_zero_for_the_dense_model_and_trains_the_scores():
+    model = tiny_model("qwen2")
+    units = grasprune.find_units(model)
+    batch = inputs()
+    with grasprune.gated(model, units) as gates:
+        assert grasprune.calibration_loss(model, gates, torch.ones(units.count), batch, "kd").abs() < 1e-6
+        scores = torch.zeros(units.count, requires_grad=True)
+        values = grasprune.straight_through(scores, random_gate(units, seed=0).bool().float(), tau=1.5)
+        loss = grasprune.calibration_loss(model, gates, values, batch, "kd")
+        loss.backward()
+        assert loss > 0 and (scores.grad != 0).any()
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory():

@@ -1,0 +1,224 @@
+"""Ablations of GRASPrune: each row runs the whole pipeline with one setting changed, and the
+table reports what it keeps, its held-out and test perplexity, zero-shot accuracy and its cost.
+
+  python ablate.py --model SmolLM2.gguf --data-dir ../shared/data --sparsity 0.4653 \
+      --rows published,init,kd,cosine,kv-floor-0 --output ablations.jsonl
+  python ablate.py --table ablations.jsonl                  # print the table of finished rows
+  python ablate.py --checkpoints ckpt/a ckpt/b --output ablations.jsonl ...   # rows from saved runs
+
+Selection is by held-out perplexity (PTB validation by default: no overlap with the WikiText-2
+calibration text); the WikiText-2 test columns are reported, never used to choose. Rows append
+to --output as they finish (JSON lines), so an interrupted sweep keeps what it measured.
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import eval as evaluation
+import grasprune
+from grasprune import Units, project_to_budget
+
+# ----------------------------------------------------------------------------------------------
+# Mask rules of the paper's ablations: each maps scores to a hard mask under the same budget.
+
+
+def per_parameter(scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units, kv_floor: int) -> torch.Tensor:
+    """Rank units by gate probability per parameter, sigmoid(score / tau) / cost (tau 1.5, the
+    paper's; no row changes it), instead of by probability alone."""
+    return project_to_budget(torch.sigmoid(scores / 1.5) / costs, costs, budget, units, kv_floor)
+
+
+def only(kind: str):
+    """Prune only FFN channels ("ffn") or only KV groups ("kv"): the other kind is always kept."""
+    def project(scores, costs, budget, units, kv_floor):
+        other = torch.arange(units.count, device=scores.device) < units.num_ffn
+        if kind == "ffn":
+            other = ~other
+        if int(costs[other].sum()) > budget:
+            raise grasprune.UsageError(f"{kind}-only pruning cannot reach this sparsity")
+        return project_to_budget(scores.masked_fill(other, torch.inf), costs, budget, units, kv_floor)
+    return project
+
+
+def uniform(scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units, kv_floor: int) -> torch.Tensor:
+    """The same sparsity in every layer: each layer fills an equal share of the budget."""
+    one_layer = dataclasses.replace(units, num_layers=1)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for i in range(units.num_layers):
+        ffn = torch.arange(i * units.ffn_per_layer, (i + 1) * units.ffn_per_layer)
+        kv = units.num_ffn + torch.arange(i * units.kv_per_layer, (i + 1) * units.kv_per_layer)
+        index = torch.cat([ffn, kv]).to(scores.device)
+        keep[index] = project_to_budget(scores[index], costs[index], budget // units.num_layers, one_layer, kv_floor)
+    return keep
+
+
+# name -> (settings changed from the paper's recipe, mask rule)
+ROWS = {
+    "published": ({}, None),
+    "no-rescale": ({"no_rescale": True}, None),
+    "init": ({"init": "importance"}, None),
+    "kd": ({"loss": "kd"}, None),
+    "cosine": ({"schedule": "cosine"}, None),
+    "kv-floor-0": ({"kv_floor": 0}, None),
+    "uniform": ({}, uniform),
+    "ffn-only": ({}, only("ffn")),
+    "kv-only": ({}, only("kv")),
+    "per-parameter": ({}, per_parameter),
+    "init+kd": ({"init": "importance", "loss": "kd"}, None),
+    "init+kd+cosine": ({"init": "importance", "loss": "kd", "schedule": "cosine"}, None),
+    "init+kd+cosine+kv-floor-0": ({"init": "importance", "loss": "kd", "schedule": "cosine", "kv_floor": 0}, None),
+}
+
+# ----------------------------------------------------------------------------------------------
+# One row
+
+
+def measure(model, tokenizer, texts: dict, args) -> dict:
+    """Held-out and test perplexity (2048-token windows) and the five-task zero-shot mean."""
+    row = {name: evaluation.perplexity(model, tokenizer, text, 2048, limit_windows=windows)
+           for name, (text, windows) in texts.items()}
+    if args.limit:
+        tasks = evaluation.zero_shot(model, tokenizer, tuple(evaluation.TASKS), args.data_dir, args.limit, 16)
+        row["zero_shot"] = {task: r[r["metric"]] for task, r in tasks.items()}
+        row["zero_shot_mean"] = evaluation.mean_of_tasks(tasks)["value"]
+    return row
+
+
+def run_row(name: str, dense, tokenizer, data: torch.Tensor, texts: dict, args) -> dict:
+    """The pipeline of grasprune.run with the row's settings, on a copy of the dense model."""
+    overrides, rule = ROWS[name]
+    settings = argparse.Namespace(**vars(args) | overrides)
+    project = rule or project_to_budget
+    torch.manual_seed(args.seed)
+    model = copy.deepcopy(dense)
+    units = grasprune.find_units(model)
+    costs = units.costs(model.device)
+    budget = grasprune.budget_for(units, settings.sparsity, settings.kv_floor)
+    start = time.perf_counter()
+    init = None
+    if settings.init == "importance":
+        init = grasprune.importance_scores(model, units, data, budget, settings)
+    scores, history = grasprune.train_gates(model, units, data, budget, settings, init, project)
+    mask = project(scores, costs, budget, units, settings.kv_floor)
+    gate = mask.float() if settings.no_rescale else grasprune.calibrate_scales(model, units, mask, data, settings)
+    seconds = time.perf_counter() - start
+    grasprune.slice_model(model, units, gate)
+    tenth = max(1, len(history) // 10)
+    row = {
+        "row": name, "sparsity": settings.sparsity, "steps": len(history),
+        "kept_prunable": grasprune.model_summary(model)["prunable_parameters"],
+        "prunable": units.total_cost,
+        "layers_without_attention": int((units.kv(mask).sum(1) == 0).sum()),
+        "flips_last_tenth": sum(h["flips"] for h in history[-tenth:]) / tenth,
+        "seconds": round(seconds, 1),
+    }
+    return row | measure(model, tokenizer, texts, args)
+
+
+def checkpoint_row(path: str, tokenizer, texts: dict, args) -> dict:
+    """A row for a checkpoint that grasprune.py saved (its report gives settings and time)."""
+    model, _ = grasprune.load_model(path, args.device, args.dtype)
+    report = json.loads((Path(path) / "grasprune_report.json").read_text())
+    seconds = report["seconds"]
+    return {
+        "row": Path(path).name, "sparsity": report["settings"]["sparsity"],
+        "steps": report["settings"]["epochs"] * report["settings"]["nsamples"] // report["settings"]["batch_size"],
+        "kept_prunable": report["after"]["prunable_parameters"], "prunable": report["before"]["prunable_parameters"],
+        "layers_without_attention": sum(r["kv_groups"] == 0 for r in report["layers"]),
+        "flips_last_tenth": report.get("mean_flips_last_tenth"),
+        "seconds": round(seconds["gate_training"] + seconds["scaling_calibration"], 1),
+    } | measure(model, tokenizer, texts, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table and command line
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as one Markdown table."""
+    def cell(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        ("| row | sparsity | kept prunable | no-attention layers | held-out PPL | test PPL | zero-shot mean "
+         "| flips/step, last 10% | minutes |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        zero_shot = r.get("zero_shot_mean")
+        lines.append(
+            f"| {r['row']} | {r['sparsity']} | {r['kept_prunable']:,} ({r['kept_prunable'] / r['prunable']:.1%}) "
+            f"| {r['layers_without_attention']} | {r['held_out']:.2f} | {r['test']:.2f} "
+            f"| {cell(None if zero_shot is None else 100 * zero_shot, '.1f')} "
+            f"| {cell(r['flips_last_tenth'], '.0f')} | {r['seconds'] / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="the dense model (hub id, folder or .gguf)")
+    p.add_argument("--rows", default="published", help=f"comma-separated, of: {', '.join(ROWS)}")
+    p.add_argument("--checkpoints", nargs="+", help="evaluate these grasprune.py outputs as rows instead")
+    p.add_argument("--table", help="print the table of a JSON-lines file of rows, and stop")
+    p.add_argument("--output", default="ablations.jsonl", help="JSON lines, one per finished row (appended)")
+    p.add_argument("--data-dir", help="local copies of the corpora and tasks, laid out like shared/data")
+    p.add_argument("--held-out", default="ptb:validation", help="corpus:split that selects settings")
+    p.add_argument("--held-out-windows", type=int, default=16)
+    p.add_argument("--test-windows", type=int, default=40, help="first N 2048-token windows of WikiText-2 test")
+    p.add_argument("--limit", type=int, help="zero-shot: first N items of each of the five tasks (default: skip)")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    args = p.parse_args()
+    # The rest of grasprune.py's settings, at its defaults (the paper's recipe).
+    defaults = grasprune.parse_args(["--model", "-", "--output", "-", "--overwrite"])
+    for key, value in vars(defaults).items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in Path(args.table).read_text().splitlines()]))
+        return
+    held_out_corpus, held_out_split = args.held_out.split(":")
+    texts = {"held_out": (grasprune.load_text(held_out_corpus, held_out_split, args.data_dir), args.held_out_windows),
+             "test": (grasprune.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
+    rows = []
+    if args.checkpoints:
+        _, tokenizer = grasprune.load_model(args.checkpoints[0], args.device, args.dtype)
+        jobs = [(path, lambda path=path: checkpoint_row(path, tokenizer, texts, args)) for path in args.checkpoints]
+    else:
+        dense, tokenizer = grasprune.load_model(args.model, args.device, args.dtype)
+        calibration = grasprune.load_text("wikitext2", "validation", args.data_dir)
+        data = grasprune.calibration_batches(tokenizer, calibration, args.nsamples, args.seq_len, args.seed)
+        jobs = [(name, lambda name=name: run_row(name, dense, tokenizer, data, texts, args))
+                for name in args.rows.split(",")]
+    for name, job in jobs:
+        try:
+            row = job()
+        except grasprune.UsageError as err:
+            print(f"[ablate] {name}: skipped: {err}")
+            continue
+        rows.append(row)
+        with open(args.output, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(table([row]).splitlines()[-1], flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
