@@ -70,9 +70,9 @@ ROWS = {
     "ffn-only": ({}, only("ffn")),
     "kv-only": ({}, only("kv")),
     "per-parameter": ({}, per_parameter),
+    "init+kv-floor-0": ({"init": "importance", "kv_floor": 0}, None),
     "init+kd": ({"init": "importance", "loss": "kd"}, None),
     "init+kd+cosine": ({"init": "importance", "loss": "kd", "schedule": "cosine"}, None),
-    "init+kd+cosine+kv-floor-0": ({"init": "importance", "loss": "kd", "schedule": "cosine", "kv_floor": 0}, None),
 }
 
 # ----------------------------------------------------------------------------------------------

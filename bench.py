@@ -140,6 +140,30 @@ def memory(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Kernel efficiency of odd widths
+
+
+@torch.inference_mode()
+def widths(args) -> None:
+    """Does a pruned FFN width that is not a multiple of 64 cost more per channel? Times one
+    LLaMA MLP (gate, up, down) at widths on and off multiples of 64, for decode (1 token) and
+    prefill (512 tokens). If odd widths cost no more per channel, rounding widths buys nothing."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    print(f"| FFN width | decode, us | prefill, ms | prefill, us per channel |  (hidden {args.hidden})")
+    print("| ---: | ---: | ---: | ---: |")
+    for width in args.widths:
+        config = LlamaConfig(hidden_size=args.hidden, intermediate_size=width)
+        mlp = LlamaMLP(config).to(args.device or "cpu", getattr(torch, args.dtype or "float32")).eval()
+        weight = mlp.up_proj.weight
+        one, many = (torch.randn(n, args.hidden, dtype=weight.dtype, device=weight.device) for n in (1, 512))
+        decode = seconds(lambda mlp=mlp, x=one: mlp(x), args.repeats * 20)
+        prefill = seconds(lambda mlp=mlp, x=many: mlp(x), args.repeats)
+        print(f"| {width} | {decode * 1e6:.0f} | {prefill * 1e3:.2f} | {prefill * 1e6 / width:.3f} |")
+
+
+# ----------------------------------------------------------------------------------------------
 # Serving
 
 
@@ -202,17 +226,20 @@ def main() -> None:
     o.add_argument("--steps", type=int, default=8, help="training steps per timed run")
     m = sub.add_parser("memory", help="gate-training memory of LLaMA-2-7B, extrapolated from 1 and 2 layers")
     m.add_argument("--seq-len", type=int, default=512)
+    w = sub.add_parser("widths", help="time per FFN channel at widths on and off multiples of 64")
+    w.add_argument("--hidden", type=int, default=576, help="hidden size (576: SmolLM2-135M)")
+    w.add_argument("--widths", type=int, nargs="+", default=[640, 601, 663, 704, 1024, 987, 1013, 1088])
     s = sub.add_parser("serving", help="dense vs pruned: size and speed")
     s.add_argument("models", nargs="+", help="first the dense model, then pruned checkpoints")
     s.add_argument("--prompt-len", type=int, default=512)
     s.add_argument("--new-tokens", type=int, default=128)
-    for q in (o, s):
+    for q in (o, w, s):
         q.add_argument("--repeats", type=int, default=3)
         q.add_argument("--device")
         q.add_argument("--dtype")
     args = p.parse_args()
     torch.manual_seed(0)
-    {"overhead": overhead, "memory": memory, "serving": serving}[args.command](args)
+    {"overhead": overhead, "memory": memory, "widths": widths, "serving": serving}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -414,7 +414,8 @@ def cli(*argv: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-def test_cli_prunes_to_the_requested_sparsity(tiny_folder):
+@pytest.mark.parametrize("switches", [[], ["--init", "importance", "--loss", "kd", "--schedule", "cosine", "--kv-floor", "0"]])
+def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
     import datasets
 
     import eval as evaluation
@@ -426,7 +427,7 @@ def test_cli_prunes_to_the_requested_sparsity(tiny_folder):
     out = tiny_folder / "out"
     code, err = cli("--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib", str(tiny_folder / "calib.txt"),
                     "--nsamples", "4", "--seq-len", "16", "--epochs", "1", "--output", str(out),
-                    "--eval", "--data-dir", str(data_dir))
+                    "--eval", "--data-dir", str(data_dir), *switches)
     assert code == 0, err
     report = json.loads((out / "grasprune_report.json").read_text())
     model, tokenizer = grasprune.load_model(str(out))
