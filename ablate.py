@@ -58,21 +58,22 @@ def uniform(scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units
     return keep
 
 
+# The paper's recipe, which every row starts from: scores at 0, LM loss, one KV group per layer.
+PAPER = {"init": "zeros", "loss": "lm", "kv_floor": 1, "no_rescale": False}
+
 # name -> (settings changed from the paper's recipe, mask rule)
 ROWS = {
     "published": ({}, None),
     "no-rescale": ({"no_rescale": True}, None),
     "init": ({"init": "importance"}, None),
     "kd": ({"loss": "kd"}, None),
-    "cosine": ({"schedule": "cosine"}, None),
     "kv-floor-0": ({"kv_floor": 0}, None),
     "uniform": ({}, uniform),
     "ffn-only": ({}, only("ffn")),
     "kv-only": ({}, only("kv")),
     "per-parameter": ({}, per_parameter),
     "init+kv-floor-0": ({"init": "importance", "kv_floor": 0}, None),
-    "init+kd": ({"init": "importance", "loss": "kd"}, None),
-    "init+kd+cosine": ({"init": "importance", "loss": "kd", "schedule": "cosine"}, None),
+    "init+kd": ({"init": "importance", "loss": "kd"}, None),  # grasprune.py's defaults
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def measure(model, tokenizer, texts: dict, args) -> dict:
 def run_row(name: str, dense, tokenizer, data: torch.Tensor, texts: dict, args) -> dict:
     """The pipeline of grasprune.run with the row's settings, on a copy of the dense model."""
     overrides, rule = ROWS[name]
-    settings = argparse.Namespace(**vars(args) | overrides)
+    settings = argparse.Namespace(**vars(args) | PAPER | overrides)
     project = rule or project_to_budget
     torch.manual_seed(args.seed)
     model = copy.deepcopy(dense)

@@ -67,7 +67,7 @@ def overhead(args) -> None:
     units = grasprune.find_units(model)
     budget = grasprune.budget_for(units, 0.5)
     data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(0))
-    train_args = SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", schedule="constant", kv_floor=1)
+    train_args = SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", kv_floor=1)
     scores = torch.randn(units.count, device=model.device)
     costs = units.costs(model.device)
 
@@ -123,7 +123,7 @@ def memory(args) -> None:
         total = [0]
         with saved_activation_bytes(total):
             grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5),
-                                  SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", schedule="constant", kv_floor=1))
+                                  SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", kv_floor=1))
         saved[layers] = total[0]
         units_count = units.count // layers
     per_layer, fixed = saved[2] - saved[1], 2 * saved[1] - saved[2]

@@ -10,8 +10,9 @@ Language Models" (ACL 2026, arXiv 2604.19398). The pipeline, in the order of thi
      V head, the query heads that share them, and their o_proj columns);
   4. gate every unit's output with one entry of a flat gate vector;
   5. project the gate scores onto ONE global parameter budget: a hard 0/1 mask, exact;
-  6. train only the scores on the LM loss, forward with the hard mask, backward through
-     sigmoid(score / tau) (straight-through estimator);
+  6. train only the scores, forward with the hard mask, backward through sigmoid(score / tau)
+     (straight-through estimator); the paper trains on the LM loss from scores at 0, the
+     defaults here distill the dense model's predictions from Fisher-informed scores (README);
   7. with the mask fixed, learn one bounded scale per kept unit, 1 + 0.5 * tanh(t);
   8. fold the scales into the kept weights and slice a smaller dense model;
   9. save it (safetensors + config + tokenizer + modeling_grasprune.py) and report.
@@ -446,8 +447,6 @@ def train_gates(
     optimizer = torch.optim.AdamW([scores], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     batches = data.split(args.batch_size)
     steps = args.epochs * len(batches)
-    # cosine: the learning rate decays to 0, so late steps stop reshuffling the units at the cut.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if args.schedule == "cosine" else None
     history, previous = [], None
     with gated(model, units) as gates, tqdm(total=steps, desc="gate training") as bar:
         for _ in range(args.epochs):
@@ -457,8 +456,6 @@ def train_gates(
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if schedule is not None:
-                    schedule.step()
                 # Every figure of the step in one device-to-host copy (float64 holds the costs exactly).
                 flipped = hard != (hard if previous is None else previous)
                 figures = (loss.detach(), costs[hard].sum(), flipped.sum(), units.ffn(hard).sum(), units.kv(hard).sum())
@@ -655,12 +652,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4, help="epochs of gate training")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (gate scores and scales)")
     p.add_argument("--tau", type=float, default=1.5, help="temperature of the straight-through sigmoid")
-    p.add_argument("--init", choices=("zeros", "importance"), default="zeros",
-                   help="initial gate scores: all 0 (paper) or Fisher importance per parameter")
-    p.add_argument("--loss", choices=("lm", "kd"), default="lm",
-                   help="lm: next-token loss (paper); kd: distill the dense model's own predictions")
-    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                   help="learning rate of gate training")
+    p.add_argument("--init", choices=("zeros", "importance"), default="importance",
+                   help="initial gate scores: Fisher importance per parameter, or all 0 (the paper's)")
+    p.add_argument("--loss", choices=("lm", "kd"), default="kd",
+                   help="kd: distill the dense model's own predictions; lm: next-token loss (the paper's)")
     p.add_argument("--kv-floor", type=int, choices=(0, 1), default=1,
                    help="KV groups every layer keeps; 0 lets a layer drop its whole attention block")
     p.add_argument("--no-rescale", action="store_true", help="skip the scaling calibration")

@@ -294,11 +294,10 @@ def test_straight_through_is_hard_forward_and_sigmoid_backward():
 
 
 def train_args(**overrides):
-    return SimpleNamespace(**{"lr": 1e-2, "tau": 1.5, "epochs": 2, "batch_size": 2, "loss": "lm", "schedule": "constant",
-                               "kv_floor": 1} | overrides)
+    return SimpleNamespace(**{"lr": 1e-2, "tau": 1.5, "epochs": 2, "batch_size": 2, "loss": "lm", "kv_floor": 1} | overrides)
 
 
-SWITCHES = {"published": {}, "every switch": {"loss": "kd", "schedule": "cosine", "kv_floor": 0}}
+SWITCHES = {"published": {}, "every switch": {"loss": "kd", "kv_floor": 0}}
 
 
 @pytest.mark.parametrize("switches", SWITCHES)
@@ -414,7 +413,7 @@ def cli(*argv: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-@pytest.mark.parametrize("switches", [[], ["--init", "importance", "--loss", "kd", "--schedule", "cosine", "--kv-floor", "0"]])
+@pytest.mark.parametrize("switches", [["--init", "zeros", "--loss", "lm"], ["--kv-floor", "0"]])
 def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
     import datasets
 
