@@ -66,6 +66,7 @@ ROWS = {
     "published": ({}, None),
     "no-rescale": ({"no_rescale": True}, None),
     "init": ({"init": "importance"}, None),
+    "init-only": ({"init": "importance", "epochs": 0}, None),  # no gate training: one-shot Fisher pruning
     "kd": ({"loss": "kd"}, None),
     "kv-floor-0": ({"kv_floor": 0}, None),
     "uniform": ({}, uniform),

@@ -327,12 +327,12 @@ def project_to_budget(
 ) -> torch.Tensor:
     """Hard 0/1 mask of the highest-scoring units that fit the budget (boolean, flat layout).
 
-    Each layer's best FFN channel and (with kv_floor 1) best KV group are reserved first; the other units are then
-    taken greedily by score, skipping any that no longer fits. The kept cost never exceeds the
-    budget and falls short of it by less than the cost of the cheapest skipped unit.
-    Ties are broken by unit index (a stable sort; argmax takes the first maximum), so with every
-    score at 0 the first mask keeps FFN channels from layer 0 upwards, then KV groups, on every
-    device alike.
+    Each layer's best FFN channel and (with kv_floor 1) best KV group are reserved first; the
+    other units are then taken greedily by score, skipping any that no longer fits. The kept
+    cost never exceeds the budget and falls short of it by less than the cost of the cheapest
+    skipped unit. Ties are broken by unit index (a stable sort; argmax takes the first maximum),
+    so with every score at 0 (--init zeros) the first mask keeps FFN channels from layer 0
+    upwards, then KV groups, on every device alike.
     """
     keep = torch.zeros_like(scores, dtype=torch.bool)
     layer_starts = torch.arange(units.num_layers, device=scores.device)
@@ -397,8 +397,8 @@ IMPORTANCE_BATCHES = 32
 def importance_scores(model, units: Units, data: torch.Tensor, budget: int, args) -> torch.Tensor:
     """Informed initial scores (--init importance) instead of all zeros. A unit's importance is
     the empirical Fisher of its gate, mean (dL/dg)^2 with every unit kept over the first
-    IMPORTANCE_BATCHES calibration batches: a second-order estimate of the loss its removal
-    costs. Divided by the unit's parameter cost (loss per parameter makes FFN channels and KV
+    IMPORTANCE_BATCHES calibration batches: the usual estimate of how much the loss rises when
+    the unit is removed (as in Fisher pruning). Divided by the unit's parameter cost (loss per parameter makes FFN channels and KV
     groups comparable), on a log scale, standardized, and shifted so the best unit left out of
     the first mask sits at 0, where the straight-through gradient is largest."""
     fisher = torch.zeros(units.count, device=model.device)
@@ -407,7 +407,7 @@ def importance_scores(model, units: Units, data: torch.Tensor, budget: int, args
     with gated(model, units) as gates:
         for batch in tqdm(batches, desc="unit importance"):
             (grad,) = torch.autograd.grad(calibration_loss(model, gates, values, batch, "lm"), values)
-            fisher += grad.double().square().float() / len(batches)
+            fisher += grad.square() / len(batches)
     costs = units.costs(model.device)
     log_ratio = (fisher / costs).clamp_min(torch.finfo(torch.float32).tiny).log()
     z = (log_ratio - log_ratio.mean()) / log_ratio.std()
@@ -753,6 +753,7 @@ def run(args: argparse.Namespace) -> dict:
         lap("eval_pruned")
 
     rows = layer_table(model, units)
+    tenth = max(1, len(history) // 10)
     report = {
         "settings": dict(vars(args)),
         "versions": {"python": platform.python_version()}
@@ -766,7 +767,7 @@ def run(args: argparse.Namespace) -> dict:
         "parameters_removed": 1 - after["parameters"] / before["parameters"],
         "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
         "final_flips": history[-1]["flips"],
-        "mean_flips_last_tenth": sum(h["flips"] for h in history[-max(1, len(history) // 10):]) / max(1, len(history) // 10),
+        "mean_flips_last_tenth": sum(h["flips"] for h in history[-tenth:]) / tenth,
         "final_loss": history[-1]["loss"],
         "eval": evaluations,
         "layers": rows,
