@@ -398,9 +398,10 @@ def importance_scores(model, units: Units, data: torch.Tensor, budget: int, args
     """Informed initial scores (--init importance) instead of all zeros. A unit's importance is
     the empirical Fisher of its gate, mean (dL/dg)^2 with every unit kept over the first
     IMPORTANCE_BATCHES calibration batches: the usual estimate of how much the loss rises when
-    the unit is removed (as in Fisher pruning). Divided by the unit's parameter cost (loss per parameter makes FFN channels and KV
-    groups comparable), on a log scale, standardized, and shifted so the best unit left out of
-    the first mask sits at 0, where the straight-through gradient is largest."""
+    the unit is removed (as in Fisher pruning). Divided by the unit's parameter cost (loss per
+    parameter makes FFN channels and KV groups comparable), on a log scale, standardized, and
+    shifted so the best unit left out of the first mask sits at 0, where the straight-through
+    gradient is largest."""
     fisher = torch.zeros(units.count, device=model.device)
     values = torch.ones(units.count, device=model.device, requires_grad=True)
     batches = data.split(args.batch_size)[:IMPORTANCE_BATCHES]
