@@ -62,11 +62,12 @@ def perplexity(model, tokenizer, text: str, seq_len: int, batch_size: int = 1,
         n_windows = min(n_windows, limit_windows)
     if n_windows == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len).to(model.device)
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len).to(grasprune.input_device(model))
     nll = 0.0
     for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({seq_len}-token windows)"):
         logits = model(batch).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        targets = batch[:, 1:].to(logits.device)  # under --device-map the LM head may sit elsewhere
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
     # every window predicts seq_len - 1 tokens, so this is also the mean of per-window means
     return math.exp(nll / (n_windows * (seq_len - 1)))
 
@@ -240,16 +241,16 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
         row.continuations.append(continuation)
         row.requests.append(i)
     rows = sorted(groups.values(), key=lambda r: r.length, reverse=True)
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, grasprune.input_device(model)
     scores = torch.zeros(len(requests), dtype=torch.float64)
     with tqdm(total=len(requests), desc=desc, unit="choice") as bar:
         for first in range(0, len(rows), batch_size):
             chunk = rows[first:first + batch_size]
             ids, positions, mask, (b, pos, target, request) = pack(chunk, dtype)
-            hidden = model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                      position_ids=positions.to(model.device)).last_hidden_state
-            logits = model.get_output_embeddings()(hidden[b.to(model.device), pos.to(model.device)])
-            logprobs = F.log_softmax(logits.float(), dim=-1).gather(1, target.to(model.device)[:, None])[:, 0]
+            hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      position_ids=positions.to(device)).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[b.to(hidden.device), pos.to(hidden.device)])
+            logprobs = F.log_softmax(logits.float(), dim=-1).gather(1, target.to(logits.device)[:, None])[:, 0]
             scores.index_add_(0, request, logprobs.double().cpu())
             bar.update(sum(len(r.requests) for r in chunk))
     return scores.tolist()
@@ -385,6 +386,7 @@ def main() -> None:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--device-map", help="auto: spread a model too big for one GPU over all GPUs and CPU memory")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
                         help="zero-shot tasks (none: perplexity only)")
     parser.add_argument("--ppl", nargs="*", default=["wikitext2"],
@@ -397,13 +399,14 @@ def main() -> None:
     args = parser.parse_args()
 
     try:
-        model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype)
+        model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
     except grasprune.UsageError as e:
         sys.exit(f"error: {e}")
     result = evaluate(model, tokenizer, args.tasks, args.ppl, args.data_dir, args.seq_len, args.limit,
                       args.batch_size)
     result = {"model": args.model, **result,
-              "settings": {**vars(args), "device": str(model.device), "dtype": str(next(model.parameters()).dtype)},
+              "settings": {**vars(args), "device": str(grasprune.input_device(model)),
+                           "dtype": str(next(model.parameters()).dtype)},
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "datasets": datasets.__version__}}
     print(markdown_table({args.model: result}))

@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import math
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -93,6 +94,14 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None, d
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+def input_device(model) -> torch.device:
+    """Where input ids go: the embedding's execution device. Under --device-map the embedding
+    can be offloaded, and then model.device (that of the first weight) is 'meta'."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    return torch.device(hook.execution_device) if hook else embedding.weight.device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +175,7 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
     torch.manual_seed(seed)
     batches = []
     for first in tqdm(range(0, n, batch_size), desc="sampling calibration text"):
-        prompt = torch.full((min(batch_size, n - first), 1), start, device=model.device)
+        prompt = torch.full((min(batch_size, n - first), 1), start, device=input_device(model))
         batches.append(model.generate(
             prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
             temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
@@ -370,7 +379,7 @@ def straight_through(scores: torch.Tensor, hard: torch.Tensor, tau: float) -> to
 
 def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
     """Plain next-token cross-entropy on unlabeled text."""
-    batch = batch.to(model.device)
+    batch = batch.to(input_device(model))
     return model(input_ids=batch, labels=batch, use_cache=False).loss
 
 
@@ -382,7 +391,7 @@ def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Ten
     if kind == "lm":
         gates.values = values
         return lm_loss(model, batch)
-    batch = batch.to(model.device)
+    batch = batch.to(input_device(model))
     with torch.no_grad():
         gates.values = torch.ones_like(values)
         teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
@@ -402,14 +411,15 @@ def importance_scores(model, units: Units, data: torch.Tensor, budget: int, args
     parameter makes FFN channels and KV groups comparable), on a log scale, standardized, and
     shifted so the best unit left out of the first mask sits at 0, where the straight-through
     gradient is largest."""
-    fisher = torch.zeros(units.count, device=model.device)
-    values = torch.ones(units.count, device=model.device, requires_grad=True)
+    device = input_device(model)
+    fisher = torch.zeros(units.count, device=device)
+    values = torch.ones(units.count, device=device, requires_grad=True)
     batches = data.split(args.batch_size)[:IMPORTANCE_BATCHES]
     with gated(model, units) as gates:
         for batch in tqdm(batches, desc="unit importance"):
             (grad,) = torch.autograd.grad(calibration_loss(model, gates, values, batch, "lm"), values)
             fisher += grad.square() / len(batches)
-    costs = units.costs(model.device)
+    costs = units.costs(device)
     log_ratio = (fisher / costs).clamp_min(torch.finfo(torch.float32).tiny).log()
     z = (log_ratio - log_ratio.mean()) / log_ratio.std()
     left_out = ~project_to_budget(z, costs, budget, units, args.kv_floor)
@@ -442,7 +452,7 @@ def train_gates(
     at `scores` (default: all 0, the paper's). `project` maps scores to the hard mask (the
     ablations swap in other rules). Returns the final scores and, per step, the loss, the kept
     cost and how many units flipped."""
-    device = model.device
+    device = input_device(model)
     costs = units.costs(device)
     scores = (torch.zeros(units.count, device=device) if scores is None else scores.clone()).requires_grad_()
     optimizer = torch.optim.AdamW([scores], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -578,6 +588,19 @@ def kv_width_of(layer) -> int:
     return 0 if k_proj is None else k_proj.out_features
 
 
+def peak_memory_gib() -> dict[str, float]:
+    """Peak memory since the previous call: tensors allocated on each GPU in use, and the
+    process's resident CPU memory (Linux; the OS keeps no resettable peak, so this one is the
+    peak since the start)."""
+    peaks = {}
+    for i in range(torch.cuda.device_count()):
+        if torch.cuda.is_initialized() and torch.cuda.max_memory_allocated(i):
+            peaks[f"cuda:{i}"] = round(torch.cuda.max_memory_allocated(i) / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(i)
+    peaks["cpu_rss"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB -> GiB
+    return peaks
+
+
 def model_summary(model) -> dict:
     """Parameter counts (tied tensors once), prunable parameters (those owned by units) and
     KV-cache bytes per token of a dense or pruned model."""
@@ -622,7 +645,9 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        model.save_pretrained(tmp)  # safetensors; tied embeddings are stored once
+        # safetensors, tied embeddings stored once; 5 GB shards (the hub's usual size) also bound
+        # the CPU memory that saving a --device-map model with offloaded modules needs.
+        model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         shutil.copy(MODELING_FILE, tmp / MODELING_FILE.name)
         (tmp / "grasprune_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -689,7 +714,7 @@ def quality(model, tokenizer, text: str, args) -> dict:
     import eval as evaluation
 
     ppl = evaluation.perplexity(model, tokenizer, text, seq_len=2048, limit_windows=args.eval_windows)
-    prompt = tokenizer(EVAL_PROMPT, return_tensors="pt").input_ids.to(model.device)
+    prompt = tokenizer(EVAL_PROMPT, return_tensors="pt").input_ids.to(input_device(model))
     start = time.perf_counter()
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
                          min_new_tokens=32, pad_token_id=tokenizer.eos_token_id)
@@ -700,11 +725,12 @@ def quality(model, tokenizer, text: str, args) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """The whole pipeline; returns the report that is saved beside the checkpoint."""
-    timings, clock = {}, time.perf_counter()
+    timings, memory, clock = {}, {}, time.perf_counter()
 
     def lap(stage: str) -> None:
         nonlocal clock
         timings[stage] = round(time.perf_counter() - clock, 2)
+        memory[stage] = peak_memory_gib()
         clock = time.perf_counter()
 
     torch.manual_seed(args.seed)
@@ -759,7 +785,8 @@ def run(args: argparse.Namespace) -> dict:
         "settings": dict(vars(args)),
         "versions": {"python": platform.python_version()}
         | {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "datasets", "accelerate")},
-        "device": str(model.device),
+        "device": str(input_device(model)),
+        "device_map": getattr(model, "hf_device_map", None),  # where --device-map placed each module
         "dtype": str(model.dtype).removeprefix("torch."),
         "units": vars(units),
         "budget": budget,
@@ -773,12 +800,16 @@ def run(args: argparse.Namespace) -> dict:
         "eval": evaluations,
         "layers": rows,
         "seconds": timings,
+        "peak_memory_gib": memory,
     }
     print_layer_table(rows, units)
     print(f"[grasprune] parameters {before['parameters']:,} -> {after['parameters']:,} "
           f"({report['parameters_removed']:.2%} removed); prunable {before['prunable_parameters']:,} -> "
           f"{after['prunable_parameters']:,} ({report['prunable_removed']:.2%} removed); KV cache "
           f"{before['kv_cache_bytes_per_token']:,} -> {after['kv_cache_bytes_per_token']:,} bytes/token")
+    peak = memory["gate_training"]
+    print(f"[grasprune] gate training: {timings['gate_training']:.0f} s, peak memory "
+          + ", ".join(f"{device} {gib:.2f} GiB" for device, gib in peak.items()))
     for name, q in evaluations.items():
         print(f"[grasprune] {name:>6}: WikiText-2 test perplexity {q['perplexity']:.2f}, decode "
               f"{q['decode_tokens_per_s']:.1f} tokens/s, {EVAL_PROMPT!r} -> {q['continuation']!r}")

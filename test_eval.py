@@ -289,6 +289,19 @@ def test_perplexity_equals_direct_computation(tokenizer):
         reference_perplexity(model, tokenizer, text, 48), rel=1e-5)
 
 
+def test_a_disk_offloaded_model_scores_as_in_memory(bpe_tokenizer, tmp_path):
+    """--device-map: with every weight offloaded to disk (the embedding too, so model.device is
+    'meta'), perplexity and log-likelihoods equal those of the same model held in memory."""
+    model = tiny_llama(len(bpe_tokenizer), max_positions=48)
+    model.save_pretrained(tmp_path)
+    bpe_tokenizer.save_pretrained(tmp_path)
+    offloaded, _ = grasprune.load_model(str(tmp_path), device_map={"": "disk"})
+    assert offloaded.device.type == "meta"
+    text = "\n\n".join(WIKI_ROWS)
+    assert ev.perplexity(offloaded, bpe_tokenizer, text, 32) == ev.perplexity(model, bpe_tokenizer, text, 32)
+    requests = [pair for doc in DOCS["hellaswag"] for pair in reference_requests("hellaswag", doc)[0]]
+    assert ev.loglikelihoods(offloaded, bpe_tokenizer, requests, 4) == ev.loglikelihoods(model, bpe_tokenizer, requests, 4)
+
 def test_unreachable_task_data_fails_alone_with_a_fix(bpe_tokenizer, tmp_path, monkeypatch, capsys):
     model = tiny_llama(len(bpe_tokenizer))
     data_dir = write_data_dir(tmp_path, tasks=["piqa", "arc_easy"])

@@ -171,6 +171,38 @@ def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
     assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, sliced)
 
 
+@pytest.mark.parametrize("memory", [0.8, 0.3])
+def test_cli_device_map_auto_spills_to_disk_and_matches_one_device(memory, tiny_folder, monkeypatch):
+    """The literal --device-map auto, on a machine whose memory (as accelerate measures it) holds
+    80% or 30% of the model: accelerate's own placement spills layers, or the whole model,
+    embedding included, to disk; gate training, scaling, slicing and --eval run on it, and the
+    saved checkpoint is bit for bit the one that a single device gives."""
+    import datasets
+    import transformers.integrations.accelerate as hf_accelerate
+
+    weight_bytes = sum(p.nbytes for p in grasprune.load_model(str(tiny_folder / "tiny"))[0].parameters())
+    data_dir = tiny_folder / "data"
+    (data_dir / "wikitext-2-raw-v1").mkdir(parents=True)
+    rows = [text_corpus(words=400, seed=s) for s in range(10, 20)]
+    datasets.Dataset.from_dict({"text": rows}).to_parquet(data_dir / "wikitext-2-raw-v1" / "test.parquet")
+    run = ["--model", str(tiny_folder / "tiny"), "--sparsity", "0.4", "--calib", str(tiny_folder / "calib.txt"),
+           "--nsamples", "4", "--seq-len", "16", "--epochs", "2", "--eval", "--data-dir", str(data_dir)]
+    with monkeypatch.context() as patch:
+        free = {"cpu": int(memory * weight_bytes)}
+        patch.setattr(hf_accelerate, "accelerate_max_memory", lambda max_memory=None: free)
+        assert grasprune.main([*run, "--device-map", "auto", "--output", str(tiny_folder / "auto")]) == 0
+    assert grasprune.main([*run, "--output", str(tiny_folder / "one")]) == 0
+    auto, one = (json.loads((tiny_folder / out / "grasprune_report.json").read_text()) for out in ("auto", "one"))
+    expected = {0.8: {"model.layers.0": "cpu", "model.layers.2": "disk"}, 0.3: {"": "disk"}}[memory]
+    assert expected.items() <= auto["device_map"].items() and one["device_map"] is None
+    assert auto["layers"] == one["layers"]
+    for stage in ("dense", "masked", "pruned"):
+        assert auto["eval"][stage]["perplexity"] == one["eval"][stage]["perplexity"]
+        assert auto["eval"][stage]["continuation"] == one["eval"][stage]["continuation"]
+    ids = inputs()
+    auto_model, one_model = (grasprune.load_model(str(tiny_folder / out))[0] for out in ("auto", "one"))
+    assert torch.equal(auto_model(ids).logits, one_model(ids).logits)
+
 def test_unit_costs_are_what_slicing_removes():
     for name in TINY:
         model = tiny_model(name)
@@ -432,6 +464,8 @@ def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
     model, tokenizer = grasprune.load_model(str(out))
     summary = grasprune.model_summary(model)
     assert summary == report["after"]
+    assert report["peak_memory_gib"].keys() == report["seconds"].keys()
+    assert all(peak["cpu_rss"] > 0 for peak in report["peak_memory_gib"].values())
     # --eval reports what eval.py measures on the dense model and on the saved checkpoint.
     text = "\n\n".join(rows)
     dense, _ = grasprune.load_model(str(tiny_folder / "tiny"))
