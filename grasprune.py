@@ -663,8 +663,16 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
 # 10. Command line
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except an unset one (None, a flag's False): their help
+    says what happens without them."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters to remove")
     p.add_argument("--output", help="output folder (default: <model name>-grasprune-s<sparsity>)")
@@ -674,7 +682,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data (no network)")
     p.add_argument("--nsamples", type=int, default=512, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per optimizer step")
     p.add_argument("--epochs", type=int, default=4, help="epochs of gate training")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (gate scores and scales)")
     p.add_argument("--tau", type=float, default=1.5, help="temperature of the straight-through sigmoid")
@@ -686,7 +694,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KV groups every layer keeps; 0 lets a layer drop its whole attention block")
     p.add_argument("--no-rescale", action="store_true", help="skip the scaling calibration")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the choice of calibration windows (and sampling)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--device-map", help="auto: spread a model too big for one GPU over all GPUs and CPU memory")
