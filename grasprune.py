@@ -525,19 +525,19 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
         "mlp.down_proj.weight": ffn_gate[ffn_kept],
         "self_attn.o_proj.weight": kv_gate[kv_kept].repeat_interleave(q_width),
     }
-    # Under accelerate dispatch (--device-map) the layer carries a hook, and offloaded weights
-    # live in it: onload them, and give the sliced layer, held whole on the layer's execution
-    # device, a hook that keeps moving its inputs there.
-    hook = getattr(layer, "_hf_hook", None)
-    if hook is None:
-        weights, device = layer.state_dict(), None
-    else:
+    # Under accelerate dispatch (--device-map) the layer carries a hook that runs it on its
+    # execution device, and an offloaded layer (CPU or disk) keeps its weights in its hooks.
+    # The sliced layer goes where the dense one was: on its device, or offloaded to CPU memory
+    # (never moved onto an accelerator that had no room for it).
+    offloaded = any(p.device.type == "meta" for p in layer.parameters())
+    if offloaded:
         from accelerate.utils.modeling import get_state_dict_offloaded_model
 
-        weights, device = get_state_dict_offloaded_model(layer), hook.execution_device
+        weights = get_state_dict_offloaded_model(layer)  # read into CPU memory
+    else:
+        weights = layer.state_dict()
     state = {}
     for name, param in weights.items():
-        param = param.to(device or param.device)
         if name in UNIT_SLICES:
             kind, dim = UNIT_SLICES[name]
             param = param.index_select(dim, index[kind].to(param.device))
@@ -548,11 +548,16 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
         sliced = build_layer(type(layer), layer_config, layer.self_attn.layer_idx)
     # A layer left with no KV group drops its q/k/v projections and input norm (NoAttention).
     wanted = sliced.state_dict().keys()
-    sliced.load_state_dict({name: param for name, param in state.items() if name in wanted}, assign=True)
+    state = {name: param for name, param in state.items() if name in wanted}
+    sliced.load_state_dict(state, assign=True)
+    hook = getattr(layer, "_hf_hook", None)
     if hook is not None:
-        from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+        from accelerate import hooks
 
-        add_hook_to_module(sliced, AlignDevicesHook(execution_device=device))
+        device = hook.execution_device
+        hooks.add_hook_to_module(sliced, hooks.AlignDevicesHook(execution_device=device))  # inputs to `device`
+        if offloaded:  # each submodule fetches its weights from CPU memory at every forward
+            hooks.attach_align_device_hook(sliced, execution_device=device, offload=True, weights_map=state)
     return sliced.requires_grad_(False)
 
 

@@ -155,7 +155,8 @@ def test_masked_equals_sliced_equals_reloaded(name, empty_attention, tmp_path, t
 
 def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
     """--device-map: accelerate hooks on every module and a layer offloaded to disk (what a CPU-only
-    machine allows of a multi-GPU split); gates train, slicing onloads it, save and reload agree."""
+    machine allows of a multi-GPU split); gates train, the sliced layer stays offloaded (in CPU
+    memory), save and reload agree."""
     tiny_model("qwen2").save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -168,6 +169,8 @@ def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
     assert all(budget - units.kv_cost < h["kept_cost"] <= budget for h in history)
     ids = inputs()
     sliced = masked_then_sliced(model, units, random_gate(units, seed=6), ids)
+    # The offloaded layer stays offloaded once sliced (weights in CPU memory), the others in place.
+    assert [layer.mlp.up_proj.weight.device.type for layer in model.model.layers] == ["cpu", "meta", "cpu"]
     grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
     assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, sliced)
 
