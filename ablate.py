@@ -100,24 +100,18 @@ def run_row(name: str, dense, tokenizer, data: torch.Tensor, texts: dict, args) 
     torch.manual_seed(args.seed)
     model = copy.deepcopy(dense)
     units = grasprune.find_units(model)
-    costs = units.costs(model.device)
     budget = grasprune.budget_for(units, settings.sparsity, settings.kv_floor)
     start = time.perf_counter()
-    init = None
-    if settings.init == "importance":
-        init = grasprune.importance_scores(model, units, data, budget, settings)
-    scores, history = grasprune.train_gates(model, units, data, budget, settings, init, project)
-    mask = project(scores, costs, budget, units, settings.kv_floor)
+    mask, history = grasprune.select_mask(model, units, data, budget, settings, project)
     gate = mask.float() if settings.no_rescale else grasprune.calibrate_scales(model, units, mask, data, settings)
     seconds = time.perf_counter() - start
     grasprune.slice_model(model, units, gate)
-    tenth = max(1, len(history) // 10)
     row = {
         "row": name, "sparsity": settings.sparsity, "steps": len(history),
         "kept_prunable": grasprune.model_summary(model)["prunable_parameters"],
         "prunable": units.total_cost,
         "layers_without_attention": int((units.kv(mask).sum(1) == 0).sum()),
-        "flips_last_tenth": sum(h["flips"] for h in history[-tenth:]) / tenth,
+        "flips_last_tenth": grasprune.late_flips(history),
         "seconds": round(seconds, 1),
     }
     return row | measure(model, tokenizer, texts, args)
@@ -130,7 +124,7 @@ def checkpoint_row(path: str, tokenizer, texts: dict, args) -> dict:
     seconds = report["seconds"]
     return {
         "row": Path(path).name, "sparsity": report["settings"]["sparsity"],
-        "steps": report["settings"]["epochs"] * report["settings"]["nsamples"] // report["settings"]["batch_size"],
+        "steps": report.get("steps"),
         "kept_prunable": report["after"]["prunable_parameters"], "prunable": report["before"]["prunable_parameters"],
         "layers_without_attention": sum(r["kv_groups"] == 0 for r in report["layers"]),
         "flips_last_tenth": report.get("mean_flips_last_tenth"),

@@ -62,18 +62,21 @@ def bare_step(model, batch: torch.Tensor) -> None:
     model(inputs_embeds=embeds, labels=batch, use_cache=False).loss.backward()
 
 
+# One gate-training step of the paper's recipe (LM loss, one KV group per layer kept).
+STEP_ARGS = SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", kv_floor=1)
+
+
 def overhead(args) -> None:
     model, _ = grasprune.load_model(args.model, args.device, args.dtype)
     units = grasprune.find_units(model)
     budget = grasprune.budget_for(units, 0.5)
     data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(0))
-    train_args = SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", kv_floor=1)
     scores = torch.randn(units.count, device=model.device)
     costs = units.costs(model.device)
 
     # The real training loop over `steps` sequences (its setup amortized) vs bare passes over the same.
     def gate_steps():
-        grasprune.train_gates(model, units, data, budget, train_args)
+        grasprune.train_gates(model, units, data, budget, STEP_ARGS)
 
     def bare_steps():
         for batch in data.split(1):
@@ -83,8 +86,7 @@ def overhead(args) -> None:
     bare = seconds(bare_steps, args.repeats) / args.steps
     project = seconds(lambda: grasprune.project_to_budget(scores, costs, budget, units), args.repeats)
     memory = {}
-    one = SimpleNamespace(**vars(train_args))
-    for name, step in (("gate", lambda: grasprune.train_gates(model, units, data[:1], budget, one)),
+    for name, step in (("gate", lambda: grasprune.train_gates(model, units, data[:1], budget, STEP_ARGS)),
                        ("bare", lambda: bare_step(model, data[:1].to(model.device)))):
         total = [0]
         if torch.cuda.is_available():
@@ -122,8 +124,7 @@ def memory(args) -> None:
         data = torch.randint(config.vocab_size, (1, args.seq_len))
         total = [0]
         with saved_activation_bytes(total):
-            grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5),
-                                  SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", kv_floor=1))
+            grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), STEP_ARGS)
         saved[layers] = total[0]
         units_count = units.count // layers
     per_layer, fixed = saved[2] - saved[1], 2 * saved[1] - saved[2]

@@ -377,21 +377,15 @@ def straight_through(scores: torch.Tensor, hard: torch.Tensor, tau: float) -> to
     return hard + (soft - soft.detach())
 
 
-def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Plain next-token cross-entropy on unlabeled text."""
-    batch = batch.to(input_device(model))
-    return model(input_ids=batch, labels=batch, use_cache=False).loss
-
-
 def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Tensor, kind: str) -> torch.Tensor:
     """The loss of gate training and scaling calibration, with `values` in the gates.
     lm: next-token cross-entropy on the calibration text (the paper's). kd: KL divergence from
     the dense model's next-token distribution to the gated model's; the teacher is the same
     network with every gate at 1, so no second model is held (one extra forward, no backward)."""
+    batch = batch.to(input_device(model))
     if kind == "lm":
         gates.values = values
-        return lm_loss(model, batch)
-    batch = batch.to(input_device(model))
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
     with torch.no_grad():
         gates.values = torch.ones_like(values)
         teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
@@ -457,9 +451,8 @@ def train_gates(
     scores = (torch.zeros(units.count, device=device) if scores is None else scores.clone()).requires_grad_()
     optimizer = torch.optim.AdamW([scores], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     batches = data.split(args.batch_size)
-    steps = args.epochs * len(batches)
     history, previous = [], None
-    with gated(model, units) as gates, tqdm(total=steps, desc="gate training") as bar:
+    with gated(model, units) as gates, tqdm(total=args.epochs * len(batches), desc="gate training") as bar:
         for _ in range(args.epochs):
             for batch in batches:
                 hard = project(scores.detach(), costs, budget, units, args.kv_floor)
@@ -477,6 +470,18 @@ def train_gates(
                                 kv=f"{kv / (units.count - units.num_ffn):.3f}", flips=int(flips))
                 bar.update()
     return scores.detach(), history
+
+
+def select_mask(
+    model, units: Units, data: torch.Tensor, budget: int, args, project=project_to_budget
+) -> tuple[torch.Tensor, list[dict]]:
+    """Sections 5 and 6 end to end: the starting scores (all 0, or --init importance), gate
+    training, and the projection of the final scores: the mask that scaling calibration fixes.
+    Returns it with the training history."""
+    with activation_checkpointing(model, args.gradient_checkpointing):
+        init = importance_scores(model, units, data, budget, args) if args.init == "importance" else None
+        scores, history = train_gates(model, units, data, budget, args, init, project)
+    return project(scores, units.costs(scores.device), budget, units, args.kv_floor), history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,6 +592,12 @@ def slice_model(model, units: Units, gate: torch.Tensor):
 # 9. Reporting and saving
 
 
+def late_flips(history: list[dict]) -> float:
+    """Mean units flipped per step over the last tenth of gate training: has the mask settled?"""
+    tenth = max(1, len(history) // 10)
+    return sum(h["flips"] for h in history[-tenth:]) / tenth
+
+
 def kv_width_of(layer) -> int:
     """Rows of a decoder layer's k_proj (0 when the layer has no attention left)."""
     k_proj = getattr(layer.self_attn, "k_proj", None)
@@ -598,8 +609,8 @@ def peak_memory_gib() -> dict[str, float]:
     process's resident CPU memory (Linux; the OS keeps no resettable peak, so this one is the
     peak since the start)."""
     peaks = {}
-    for i in range(torch.cuda.device_count()):
-        if torch.cuda.is_initialized() and torch.cuda.max_memory_allocated(i):
+    for i in range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0):
+        if torch.cuda.max_memory_allocated(i):
             peaks[f"cuda:{i}"] = round(torch.cuda.max_memory_allocated(i) / 2**30, 2)
             torch.cuda.reset_peak_memory_stats(i)
     peaks["cpu_rss"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # KiB -> GiB
@@ -768,10 +779,7 @@ def run(args: argparse.Namespace) -> dict:
         evaluations["dense"] = quality(model, tokenizer, eval_text, args)
         lap("eval_dense")
 
-    with activation_checkpointing(model, args.gradient_checkpointing):
-        init = importance_scores(model, units, data, budget, args) if args.init == "importance" else None
-        scores, history = train_gates(model, units, data, budget, args, init)
-    mask = project_to_budget(scores, units.costs(scores.device), budget, units, args.kv_floor)
+    mask, history = select_mask(model, units, data, budget, args)
     lap("gate_training")
     if args.eval:
         with gated(model, units) as gates:
@@ -793,7 +801,6 @@ def run(args: argparse.Namespace) -> dict:
         lap("eval_pruned")
 
     rows = layer_table(model, units)
-    tenth = max(1, len(history) // 10)
     report = {
         "settings": dict(vars(args)),
         "versions": {"python": platform.python_version()}
@@ -807,8 +814,9 @@ def run(args: argparse.Namespace) -> dict:
         "after": after,
         "parameters_removed": 1 - after["parameters"] / before["parameters"],
         "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
+        "steps": len(history),
         "final_flips": history[-1]["flips"],
-        "mean_flips_last_tenth": sum(h["flips"] for h in history[-tenth:]) / tenth,
+        "mean_flips_last_tenth": late_flips(history),
         "final_loss": history[-1]["loss"],
         "eval": evaluations,
         "layers": rows,
