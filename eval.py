@@ -13,11 +13,10 @@
 
     python eval.py --model HuggingFaceTB/SmolLM2-135M --data-dir ../shared/data --output r.json
 
-From Python (grasprune.py's `--eval` uses `perplexity()`): `evaluate()` runs it all and
-`markdown_table()` sets results side by side.
+From Python: `evaluate()` runs it all and `markdown_table()` sets results side by side;
+`perplexity()` is grasprune.perplexity (grasprune.py's `--eval` measures the same way).
 """
 
-import argparse
 import json
 import math
 import platform
@@ -36,41 +35,7 @@ import transformers
 from tqdm import tqdm
 
 import grasprune
-
-# -----------------------------------------------------------------------------
-# perplexity
-
-
-def context_length(model) -> int:
-    """The longest sequence the model was trained for."""
-    return model.config.max_position_embeddings
-
-
-@torch.inference_mode()
-def perplexity(model, tokenizer, text: str, seq_len: int, batch_size: int = 1,
-               limit_windows: int | None = None) -> float:
-    """exp of the mean next-token NLL over the non-overlapping `seq_len`-token windows of `text`.
-
-    `text` is tokenized once with the tokenizer's default special tokens (a LLaMA tokenizer
-    puts one BOS at the very start), as SparseGPT and Wanda do. `seq_len` is capped at the
-    model's context length; `limit_windows` keeps only the first windows, for quick runs.
-    """
-    seq_len = min(seq_len, context_length(model))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n_windows = ids.numel() // seq_len
-    if limit_windows is not None:
-        n_windows = min(n_windows, limit_windows)
-    if n_windows == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len).to(grasprune.input_device(model))
-    nll = 0.0
-    for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({seq_len}-token windows)"):
-        logits = model(batch).logits[:, :-1].float()
-        targets = batch[:, 1:].to(logits.device)  # under --device-map the LM head may sit elsewhere
-        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-    # every window predicts seq_len - 1 tokens, so this is also the mean of per-window means
-    return math.exp(nll / (n_windows * (seq_len - 1)))
-
+from grasprune import perplexity
 
 # -----------------------------------------------------------------------------
 # zero-shot tasks: what lm-evaluation-harness 0.4 scores for each dataset row
@@ -354,7 +319,7 @@ def evaluate(model, tokenizer, tasks: tuple[str, ...] = tuple(TASKS), ppl: tuple
         windows = min(limit or 256, 256) if source == "c4" else limit
         result["perplexity"][source] = {
             "ppl": perplexity(model, tokenizer, text, seq_len, limit_windows=windows),
-            "seq_len": min(seq_len, context_length(model)), "seconds": round(time.time() - t, 1)}
+            "seq_len": min(seq_len, model.config.max_position_embeddings), "seconds": round(time.time() - t, 1)}
     scores = zero_shot(model, tokenizer, tasks, data_dir, limit, batch_size)
     result["tasks"] = {task: r for task, r in scores.items() if "error" not in r}
     result["errors"].update({task: r["error"] for task, r in scores.items() if "error" in r})
@@ -379,8 +344,8 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = grasprune.ArgumentParser(prog="eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="hub id, local HF folder, .gguf file, or an output folder of grasprune.py")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -396,12 +361,17 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N items per task and windows per text, for quick runs")
     parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
     parser.add_argument("--output", help="write the results JSON here")
-    args = parser.parse_args()
-
     try:
+        args = parser.parse_args(argv)
+        for name in ("seq_len", "batch_size") + (("limit",) if args.limit is not None else ()):
+            if getattr(args, name) < 1:
+                raise grasprune.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if args.output and not Path(args.output).parent.is_dir():
+            raise grasprune.UsageError(f"--output {args.output}: no folder {Path(args.output).parent}")
         model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
     except grasprune.UsageError as e:
-        sys.exit(f"error: {e}")
+        print(f"eval: error: {e}", file=sys.stderr)
+        return 2
     result = evaluate(model, tokenizer, args.tasks, args.ppl, args.data_dir, args.seq_len, args.limit,
                       args.batch_size)
     result = {"model": args.model, **result,
@@ -412,9 +382,8 @@ def main() -> None:
     print(markdown_table({args.model: result}))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    if result["errors"]:
-        sys.exit(1)
+    return 1 if result["errors"] else 0  # a task whose data could not be reached (its line said why)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,6 +3,7 @@
 Reference implementation of Wang et al., "Global Gating for Budgeted Structured Pruning of Large
 Language Models" (ACL 2026, arXiv 2604.19398). The pipeline, in the order of this file:
 
+  0. the recipe: every setting of the method in one dataclass (the paper's values: Recipe.paper());
   1. load a frozen, pretrained decoder-only model (Llama, Mistral, Qwen2, Qwen3; MHA or GQA);
   2. draw calibration sequences of unlabeled text;
   3. list the prunable units, each with its exact parameter cost: FFN intermediate channels
@@ -15,39 +16,85 @@ Language Models" (ACL 2026, arXiv 2604.19398). The pipeline, in the order of thi
      defaults here distill the dense model's predictions from Fisher-informed scores (README);
   7. with the mask fixed, learn one bounded scale per kept unit, 1 + 0.5 * tanh(t);
   8. fold the scales into the kept weights and slice a smaller dense model;
-  9. save it (safetensors + config + tokenizer + modeling_grasprune.py) and report.
+  9. `prune()`: steps 3 to 8 on a model already loaded, the method's one entry point;
+ 10. report and save (safetensors + config + tokenizer + modeling_grasprune.py);
+ 11. the command line.
 
-Usage: python grasprune.py --model meta-llama/Llama-2-7b-hf --sparsity 0.5
+    python grasprune.py --model meta-llama/Llama-2-7b-hf --sparsity 0.5
+
+    pruned, report = grasprune.prune(model, grasprune.calibration_batches(tokenizer, text, 128, 256))
 """
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import resource
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM
 
-from modeling_grasprune import PRUNED_CLASSES, build_layer
+import modeling_grasprune
+from modeling_grasprune import PRUNED_CLASSES, build_layer, load_pretrained
 
 SUPPORTED_MODEL_TYPES = tuple(PRUNED_CLASSES)
-MODELING_FILE = Path(__file__).with_name("modeling_grasprune.py")
 
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, nothing written."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. The recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Every setting of the method. The defaults are this project's, chosen on held-out data
+    (README); `Recipe.paper()` gives the paper's. The sparsity is not part of the recipe: it is
+    the budget, an argument of `prune()`."""
+
+    epochs: int = 4  # of gate training over the calibration sequences
+    batch_size: int = 1  # calibration sequences per optimizer step
+    lr: float = 1e-2  # AdamW, for the gate scores and the scales
+    tau: float = 1.5  # temperature of the straight-through sigmoid
+    init: str = "importance"  # initial scores: "importance" (Fisher per parameter) or "zeros" (paper)
+    loss: str = "kd"  # "kd": distill the dense model's next-token distribution; "lm" (paper)
+    top_k: int = 1024  # with kd: the dense model's most likely tokens kept per calibration token
+    kv_floor: int = 1  # KV groups every layer keeps: 1 (paper), or 0 to let a layer drop attention
+    ffn_multiple: int = 1  # every kept FFN width a multiple of it (llama.cpp quantizes whole blocks)
+    rescale: bool = True  # scaling calibration after gate training
+
+    @classmethod
+    def paper(cls) -> "Recipe":
+        """The paper's recipe: scores from 0, the LM loss."""
+        return cls(init="zeros", loss="lm")
+
+    def validate(self) -> None:
+        """Refuse settings the method cannot run with, before any work is done."""
+        checks = {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "tau": self.tau > 0, "init": self.init in ("importance", "zeros"), "loss": self.loss in ("kd", "lm"),
+            "kv_floor": self.kv_floor in (0, 1), "ffn_multiple": self.ffn_multiple >= 1, "top_k": self.top_k >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise UsageError(f"invalid --{name.replace('_', '-')} {getattr(self, name)!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,12 +104,31 @@ class UsageError(Exception):
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """cuda with bf16 when available, else cpu with float32; explicit choices win."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA device")
     if dtype is None:
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float32"
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
-    return torch.device(device), getattr(torch, dtype)
+    return device, getattr(torch, dtype)
+
+
+def load_config(name: str):
+    """The model's config, read without its weights: enough to refuse a model early."""
+    try:
+        config = modeling_grasprune.load_config(name)
+    except (OSError, ValueError) as err:  # FileNotFoundError, no config.json, hub unreachable
+        raise UsageError(f"cannot load a model config from {name!r}: {str(err).splitlines()[0]}")
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UsageError(
+            f"model type {config.model_type!r} is not supported; GRASPrune supports decoder-only "
+            f"LLaMA-family models: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config
 
 
 def load_model(name: str, device: str | None = None, dtype: str | None = None, device_map: str | dict | None = None):
@@ -71,27 +137,8 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None, d
     `device_map` (e.g. "auto") spreads a model too big for one device over several GPUs and
     CPU memory, through accelerate; it replaces `device`."""
     device, torch_dtype = resolve_device_dtype(device, dtype)
-    source, extra, load_extra = name, {}, {}
-    if name.endswith(".gguf"):
-        path = Path(name)
-        if not path.is_file():
-            raise UsageError(f"no GGUF file at {name}")
-        source, extra = str(path.parent), {"gguf_file": path.name}
-        # Unpack the GGUF blocks into plain float weights: gates and slicing need a dense model.
-        load_extra = extra | {"quantization_config": GgufConfig(dequantize=True)}
-    try:
-        config = AutoConfig.from_pretrained(source, **extra)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load a model config from {name!r}: {str(err).splitlines()[0]}")
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(
-            f"model type {config.model_type!r} is not supported; GRASPrune supports decoder-only "
-            f"LLaMA-family models: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    # A pruned checkpoint loads through the same classes that its auto_map names.
-    model_cls = PRUNED_CLASSES[config.model_type] if config.is_heterogeneous else AutoModelForCausalLM
-    model = model_cls.from_pretrained(source, dtype=torch_dtype, device_map=device_map or str(device), **load_extra)
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    load_config(name)
+    model, tokenizer = load_pretrained(name, dtype=torch_dtype, device_map=device_map or str(device))
     model.eval().requires_grad_(False)
     return model, tokenizer
 
@@ -120,9 +167,15 @@ C4_DOCUMENTS = 5000  # C4 splits are huge: the first documents already hold mill
 def read_rows(path: Path, field: str) -> list[str]:
     """Rows of one text field from a local .parquet or .jsonl file."""
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
-    kind = "parquet" if path.suffix == ".parquet" else "json"
-    return load_dataset(kind, data_files=str(path), split="train")[field]
+    try:
+        rows = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+    except (OSError, ValueError, DatasetGenerationError) as err:  # unreadable, not JSON lines, not parquet
+        raise UsageError(f"cannot read {path}: {str(err).splitlines()[0]}")
+    if field not in rows.column_names:
+        raise UsageError(f"{path} has no {field!r} field (its fields: {', '.join(rows.column_names)})")
+    return rows[field]
 
 
 def load_text(source: str, split: str, data_dir: str | None = None) -> str:
@@ -153,7 +206,7 @@ def load_text(source: str, split: str, data_dir: str | None = None) -> str:
     return sep.join(rows)
 
 
-def calibration_batches(tokenizer, text: str, n: int, seq_len: int, seed: int) -> torch.Tensor:
+def calibration_batches(tokenizer, text: str, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """N sequences of L tokens: non-overlapping windows of the tokenized text, N of them chosen
     by a seeded permutation so that they spread over the whole corpus. Shape (N, L)."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
@@ -188,10 +241,10 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
 # 3. Prunable units and their parameter costs
 
 # Which slice of which decoder-layer parameter each unit owns, as (unit index kind, dim):
-# "ffn" indexes FFN channels, "kv" the head_dim rows of a K or V head, "q" the g * head_dim
-# rows (or o_proj columns) of the query heads that share one KV head. Pruning and costing both
-# read this table, so a unit's cost is exactly what slicing it removes. Output biases of o_proj
-# and down_proj (where a model has them) belong to no unit and stay.
+# "ffn" indexes FFN channels, "kv" the head_dim rows of a K or V head, "q" the g * head_dim rows
+# (or o_proj columns) of the query heads that share one KV head. Pruning and costing both read
+# this table, so a unit's cost is exactly what slicing it removes. Output biases of o_proj and
+# down_proj (where a model has them) belong to no unit and stay.
 UNIT_SLICES = {
     "mlp.gate_proj.weight": ("ffn", 0),
     "mlp.gate_proj.bias": ("ffn", 0),
@@ -208,10 +261,10 @@ UNIT_SLICES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Units:
-    """All prunable units, laid out in one flat vector: every FFN channel (layer by layer),
-    then every KV group (layer by layer). Scores, masks and scales all use this layout."""
+    """All prunable units, laid out in one flat vector: every FFN channel (layer by layer), then
+    every KV group (layer by layer). Scores, masks and scales all use this layout."""
 
     num_layers: int
     ffn_per_layer: int  # intermediate size
@@ -248,10 +301,13 @@ class Units:
         return self.num_layers * (self.ffn_per_layer * self.ffn_cost + self.kv_per_layer * self.kv_cost)
 
 
+ALREADY_PRUNED = "this model is already pruned (its layers differ in width); start from a dense model"
+
+
 def find_units(model) -> Units:
     """The prunable units of a dense model, with costs read off its layer shapes."""
     if model.config.is_heterogeneous:
-        raise UsageError("this model is already pruned (its layers differ in width); start from a dense model")
+        raise UsageError(ALREADY_PRUNED)
     attn = model.model.layers[0].self_attn
     head_dim, group = attn.head_dim, attn.num_key_value_groups
     rows_per_unit = {"ffn": 1, "kv": head_dim, "q": group * head_dim}
@@ -271,31 +327,35 @@ def find_units(model) -> Units:
     )
 
 
+def units_of_config(config) -> Units:
+    """find_units for a model that is not loaded: read off a weightless copy (meta device)."""
+    if config.is_heterogeneous:
+        raise UsageError(ALREADY_PRUNED)
+    with torch.device("meta"):
+        return find_units(AutoModelForCausalLM.from_config(config))
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Gates: every unit's output times its entry of a flat gate vector
 
 
 class Gates:
-    """Forward pre-hooks that multiply the input of down_proj (one entry per FFN channel) and
-    of o_proj (one entry per KV group, shared by its query heads) by the current `values`.
-    A gate of 0 removes the unit's contribution exactly as slicing it out would; gating the
-    projection inputs (not the weights) keeps the backbone frozen and untouched."""
+    """Forward pre-hooks that multiply the input of down_proj (one entry per FFN channel) and of
+    o_proj (one entry per KV group, shared by its query heads) by the current `values`. A gate
+    of 0 removes the unit's contribution exactly as slicing it out would; gating the projection
+    inputs (not the weights) keeps the backbone frozen."""
 
     def __init__(self, model, units: Units):
-        self.units = units
         self.values: torch.Tensor = torch.ones(units.count)
         self.handles = []
         for i, layer in enumerate(model.model.layers):
-            self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(partial(self.gate_ffn, i)))
-            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(partial(self.gate_heads, i)))
+            self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(partial(self.gate, units.ffn, i)))
+            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(partial(self.gate, units.kv, i)))
 
-    def gate_ffn(self, layer: int, module, args):
-        return args[0] * self.units.ffn(self.values)[layer].to(args[0])
-
-    def gate_heads(self, layer: int, module, args):
-        x = args[0]  # (..., kv_per_layer * heads_per_group * head_dim)
-        gate = self.units.kv(self.values)[layer].to(x)
-        return (x.unflatten(-1, (self.units.kv_per_layer, -1)) * gate[:, None]).flatten(-2)
+    def gate(self, view: Callable, layer: int, module, args):
+        x = args[0]  # (..., units in the layer * features per unit)
+        gate = view(self.values)[layer].to(x)
+        return (x.unflatten(-1, (gate.numel(), -1)) * gate[:, None]).flatten(-2)
 
     def remove(self):
         for handle in self.handles:
@@ -318,14 +378,18 @@ def gated(model, units: Units):
 
 def budget_for(units: Units, sparsity: float, kv_floor: int = 1) -> int:
     """Parameters that the kept units may hold: (1 - sparsity) of all prunable parameters.
-    The per-layer minimum (one FFN channel, and `kv_floor` KV groups: 1, or 0 to let a layer
-    lose its whole attention block) is reserved inside it."""
+    The per-layer minimum (one FFN unit, and `kv_floor` KV groups: 1, or 0 to let a layer
+    lose its whole attention block) is reserved inside it. (An FFN unit is one channel, or a
+    block of them, `in_blocks`.)"""
+    if not 0.0 < sparsity < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
     budget = math.floor((1.0 - sparsity) * units.total_cost)
     reserve = units.num_layers * (units.ffn_cost + kv_floor * units.kv_cost)
     if budget < reserve:
         raise UsageError(
-            f"sparsity {sparsity} leaves {budget} parameters, fewer than the {reserve} needed to keep "
-            f"one FFN channel{' and one KV group' if kv_floor else ''} in every layer"
+            f"sparsity {sparsity} leaves {budget:,} parameters, fewer than the {reserve:,} needed to keep "
+            f"one FFN unit{' and one KV group' if kv_floor else ''} in every layer"
+            + ("; --kv-floor 0 lets a layer drop its attention" if kv_floor else "")
         )
     return budget
 
@@ -336,11 +400,11 @@ def project_to_budget(
 ) -> torch.Tensor:
     """Hard 0/1 mask of the highest-scoring units that fit the budget (boolean, flat layout).
 
-    Each layer's best FFN channel and (with kv_floor 1) best KV group are reserved first; the
+    Each layer's best FFN unit and (with kv_floor 1) best KV group are reserved first; the
     other units are then taken greedily by score, skipping any that no longer fits. The kept
     cost never exceeds the budget and falls short of it by less than the cost of the cheapest
     skipped unit. Ties are broken by unit index (a stable sort; argmax takes the first maximum),
-    so with every score at 0 (--init zeros) the first mask keeps FFN channels from layer 0
+    so with every score at 0 (--init zeros) the first mask keeps FFN units from layer 0
     upwards, then KV groups, on every device alike.
     """
     keep = torch.zeros_like(scores, dtype=torch.bool)
@@ -366,6 +430,30 @@ def project_to_budget(
     return keep
 
 
+def in_blocks(units: Units, multiple: int) -> Units:
+    """The same units with every `multiple` FFN channels of a layer taken as one unit: the layout
+    in which --ffn-multiple projects the final mask."""
+    if units.ffn_per_layer % multiple:
+        raise UsageError(f"--ffn-multiple {multiple} does not divide the FFN width {units.ffn_per_layer}")
+    return dataclasses.replace(units, ffn_per_layer=units.ffn_per_layer // multiple, ffn_cost=units.ffn_cost * multiple)
+
+
+@torch.no_grad()
+def project_aligned(scores: torch.Tensor, budget: int, units: Units, kv_floor: int, multiple: int) -> torch.Tensor:
+    """The final mask (flat, per channel) with every layer's kept FFN width a multiple of
+    `multiple`. Each layer's channels, ranked by score, form blocks of `multiple`, best first,
+    each scored by its mean; the budget takes or leaves whole blocks (project_to_budget, exact
+    at that granularity), so a layer always keeps its best-scored channels."""
+    blocks = in_blocks(units, multiple)
+    ranked, order = units.ffn(scores).sort(dim=1, descending=True, stable=True)
+    block_scores = ranked.unflatten(1, (blocks.ffn_per_layer, multiple)).mean(-1)
+    keep = project_to_budget(torch.cat([block_scores.flatten(), units.kv(scores).flatten()]),
+                             blocks.costs(scores.device), budget, blocks, kv_floor)
+    widths = blocks.ffn(keep).sum(1, keepdim=True) * multiple
+    best = torch.arange(units.ffn_per_layer, device=scores.device) < widths  # in ranked order
+    return torch.cat([torch.zeros_like(best).scatter(1, order, best).flatten(), blocks.kv(keep).flatten()])
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. Gate training: hard mask forward, sigmoid(score / tau) backward
 
@@ -377,46 +465,97 @@ def straight_through(scores: torch.Tensor, hard: torch.Tensor, tau: float) -> to
     return hard + (soft - soft.detach())
 
 
-def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Tensor, kind: str) -> torch.Tensor:
-    """The loss of gate training and scaling calibration, with `values` in the gates.
-    lm: next-token cross-entropy on the calibration text (the paper's). kd: KL divergence from
-    the dense model's next-token distribution to the gated model's; the teacher is the same
-    network with every gate at 1, so no second model is held (one extra forward, no backward)."""
+class Targets(NamedTuple):
+    """What distillation needs of the dense model's next-token distribution at every calibration
+    token, computed once: its top-k token ids and log-probabilities, and the log of the
+    probability left to all other tokens. (N, L, k), (N, L, k), (N, L): for LLaMA-2-7B's
+    512 x 512 calibration tokens and k = 1024, 2 GiB, where the full distributions would take
+    16 GiB in bf16 (63 GiB at a vocabulary of 128k)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor
+
+    def split(self, size: int) -> list["Targets"]:
+        return [Targets(*parts) for parts in zip(*(t.split(size) for t in self))]
+
+
+def log_tail_mass(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside the top k, 1 - sum(top k), computed in float64 so that it
+    does not cancel when the top k hold nearly everything; floored at float32's resolution. The
+    teacher's and the student's tails go through the same arithmetic, so a student equal to the
+    teacher is at a loss of exactly 0."""
+    return (1 - top_logprobs.double().exp().sum(-1)).clamp_min(2**-24).log().float()
+
+
+@torch.no_grad()
+def teacher_targets(model, data: torch.Tensor, batch_size: int, k: int = Recipe.top_k) -> Targets:
+    """The dense model's predictions on the calibration data, once: one forward per sequence
+    instead of one per training and scaling step. Kept on the input device."""
+    device, parts = input_device(model), []
+    for batch in tqdm(data.split(batch_size), desc="teacher targets"):
+        logprobs = model(input_ids=batch.to(device), use_cache=False).logits.float().log_softmax(-1)
+        top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        parts.append((ids.int().to(device), top.to(device), log_tail_mass(top).to(device)))
+    return Targets(*(torch.cat(p) for p in zip(*parts)))
+
+
+def distillation_loss(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """KL divergence from the dense model's next-token distribution to the gated model's, over
+    the k + 1 outcomes the targets keep: each of the teacher's top-k tokens, and any other
+    token. Mean over tokens (the scale of the full KL, which it approaches as k grows). Its cost
+    is the LM loss's: one log-softmax over the vocabulary, the rest on k values per token."""
+    student = logits.float().log_softmax(-1).gather(-1, targets.ids.long())
+    teacher, tail = targets.logprobs, targets.log_tail
+    kl = (teacher.exp() * (teacher - student)).sum(-1) + tail.exp() * (tail - log_tail_mass(student))
+    return kl.mean()
+
+
+def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Tensor,
+                     targets: Targets | None = None) -> torch.Tensor:
+    """The loss of gate training and scaling calibration, with `values` in the gates: the
+    next-token cross-entropy on the calibration text (the paper's), or, given the dense model's
+    `targets`, the distillation loss (self-distillation: no second model is held)."""
     batch = batch.to(input_device(model))
-    if kind == "lm":
-        gates.values = values
-        return model(input_ids=batch, labels=batch, use_cache=False).loss
-    with torch.no_grad():
-        gates.values = torch.ones_like(values)
-        teacher = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
     gates.values = values
-    student = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1)
-    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+    if targets is None:
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+    return distillation_loss(model(input_ids=batch, use_cache=False).logits, targets)
+
+
+def stop_if_not_finite(loss: float, stage: str, step: int) -> None:
+    """A NaN or infinite loss means the run is broken: stop before anything is saved."""
+    if not math.isfinite(loss):
+        raise UsageError(f"{stage} step {step}: the loss is {loss}; stopped, nothing saved "
+                         "(try a lower --lr, or float32/bfloat16 rather than float16)")
 
 
 IMPORTANCE_BATCHES = 32
 
 
-def importance_scores(model, units: Units, data: torch.Tensor, budget: int, args) -> torch.Tensor:
+def importance_scores(model, units: Units, data: torch.Tensor, budget: int, batch_size: int = 1,
+                      kv_floor: int = 1) -> torch.Tensor:
     """Informed initial scores (--init importance) instead of all zeros. A unit's importance is
     the empirical Fisher of its gate, mean (dL/dg)^2 with every unit kept over the first
     IMPORTANCE_BATCHES calibration batches: the usual estimate of how much the loss rises when
     the unit is removed (as in Fisher pruning). Divided by the unit's parameter cost (loss per
-    parameter makes FFN channels and KV groups comparable), on a log scale, standardized, and
+    parameter makes FFN units and KV groups comparable), on a log scale, standardized, and
     shifted so the best unit left out of the first mask sits at 0, where the straight-through
     gradient is largest."""
     device = input_device(model)
     fisher = torch.zeros(units.count, device=device)
     values = torch.ones(units.count, device=device, requires_grad=True)
-    batches = data.split(args.batch_size)[:IMPORTANCE_BATCHES]
+    batches = data.split(batch_size)[:IMPORTANCE_BATCHES]
     with gated(model, units) as gates:
         for batch in tqdm(batches, desc="unit importance"):
-            (grad,) = torch.autograd.grad(calibration_loss(model, gates, values, batch, "lm"), values)
+            (grad,) = torch.autograd.grad(calibration_loss(model, gates, values, batch), values)
             fisher += grad.square() / len(batches)
     costs = units.costs(device)
     log_ratio = (fisher / costs).clamp_min(torch.finfo(torch.float32).tiny).log()
     z = (log_ratio - log_ratio.mean()) / log_ratio.std()
-    left_out = ~project_to_budget(z, costs, budget, units, args.kv_floor)
+    if not torch.isfinite(z).all():
+        raise UsageError("unit importance is not finite (no gradient reached the gates); use --init zeros")
+    left_out = ~project_to_budget(z, costs, budget, units, kv_floor)
     return z - z[left_out].max() if left_out.any() else z
 
 
@@ -439,24 +578,25 @@ def activation_checkpointing(model, enabled: bool):
 
 
 def train_gates(
-    model, units: Units, data: torch.Tensor, budget: int, args,
-    scores: torch.Tensor | None = None, project=project_to_budget,
+    model, units: Units, data: torch.Tensor, budget: int, recipe: Recipe,
+    scores: torch.Tensor | None = None, targets: Targets | None = None, project=project_to_budget,
 ) -> tuple[torch.Tensor, list[dict]]:
     """Learn one score per unit under the global budget; the backbone stays frozen. Scores start
-    at `scores` (default: all 0, the paper's). `project` maps scores to the hard mask (the
-    ablations swap in other rules). Returns the final scores and, per step, the loss, the kept
-    cost and how many units flipped."""
+    at `scores` (default: all 0, the paper's); the loss distills `targets` when given, else it is
+    the LM loss. `project` maps scores to the hard mask (the ablations swap in other rules).
+    Returns the final scores and, per step, the loss, the kept cost and how many units flipped."""
     device = input_device(model)
     costs = units.costs(device)
     scores = (torch.zeros(units.count, device=device) if scores is None else scores.clone()).requires_grad_()
-    optimizer = torch.optim.AdamW([scores], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    batches = data.split(args.batch_size)
+    optimizer = torch.optim.AdamW([scores], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    batches = list(zip(data.split(recipe.batch_size), targets.split(recipe.batch_size) if targets else
+                       [None] * math.ceil(len(data) / recipe.batch_size)))
     history, previous = [], None
-    with gated(model, units) as gates, tqdm(total=args.epochs * len(batches), desc="gate training") as bar:
-        for _ in range(args.epochs):
-            for batch in batches:
-                hard = project(scores.detach(), costs, budget, units, args.kv_floor)
-                loss = calibration_loss(model, gates, straight_through(scores, hard.float(), args.tau), batch, args.loss)
+    with gated(model, units) as gates, tqdm(total=recipe.epochs * len(batches), desc="gate training") as bar:
+        for _ in range(recipe.epochs):
+            for batch, target in batches:
+                hard = project(scores.detach(), costs, budget, units, recipe.kv_floor)
+                loss = calibration_loss(model, gates, straight_through(scores, hard.float(), recipe.tau), batch, target)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -464,24 +604,13 @@ def train_gates(
                 flipped = hard != (hard if previous is None else previous)
                 figures = (loss.detach(), costs[hard].sum(), flipped.sum(), units.ffn(hard).sum(), units.kv(hard).sum())
                 loss_value, kept_cost, flips, ffn, kv = torch.stack([f.double() for f in figures]).tolist()
+                stop_if_not_finite(loss_value, "gate training", len(history) + 1)
                 previous = hard
                 history.append({"loss": loss_value, "kept_cost": int(kept_cost), "flips": int(flips)})
                 bar.set_postfix(loss=f"{loss_value:.3f}", ffn=f"{ffn / units.num_ffn:.3f}",
                                 kv=f"{kv / (units.count - units.num_ffn):.3f}", flips=int(flips))
                 bar.update()
     return scores.detach(), history
-
-
-def select_mask(
-    model, units: Units, data: torch.Tensor, budget: int, args, project=project_to_budget
-) -> tuple[torch.Tensor, list[dict]]:
-    """Sections 5 and 6 end to end: the starting scores (all 0, or --init importance), gate
-    training, and the projection of the final scores: the mask that scaling calibration fixes.
-    Returns it with the training history."""
-    with activation_checkpointing(model, args.gradient_checkpointing):
-        init = importance_scores(model, units, data, budget, args) if args.init == "importance" else None
-        scores, history = train_gates(model, units, data, budget, args, init, project)
-    return project(scores, units.costs(scores.device), budget, units, args.kv_floor), history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,20 +622,25 @@ def scale_values(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return mask * (1.0 + 0.5 * torch.tanh(t))
 
 
-def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor, args) -> torch.Tensor:
-    """One epoch of LM loss over the per-unit scales with the mask fixed. Returns the gate
-    values to fold into the weights. A pruned unit's t gets zero gradient and stays at 0."""
+def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor, recipe: Recipe,
+                     targets: Targets | None = None) -> torch.Tensor:
+    """One epoch over the per-unit scales with the mask fixed, on the loss of gate training.
+    Returns the gate values to fold into the weights. A pruned unit's t gets zero gradient and
+    stays at 0. The kept set, hence the parameter count, does not change: budget-preserving."""
     mask = mask.float()
     t = torch.zeros(units.count, device=mask.device, requires_grad=True)
-    optimizer = torch.optim.AdamW([t], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    batches = data.split(args.batch_size)
-    with gated(model, units) as gates, tqdm(batches, desc="scaling calibration") as bar:
-        for batch in bar:
-            loss = calibration_loss(model, gates, scale_values(mask, t), batch, args.loss)
+    optimizer = torch.optim.AdamW([t], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    batches = data.split(recipe.batch_size)
+    target_batches = targets.split(recipe.batch_size) if targets else [None] * len(batches)
+    with gated(model, units) as gates, tqdm(total=len(batches), desc="scaling calibration") as bar:
+        for step, (batch, target) in enumerate(zip(batches, target_batches), 1):
+            loss = calibration_loss(model, gates, scale_values(mask, t), batch, target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            stop_if_not_finite(loss.item(), "scaling calibration", step)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
     return scale_values(mask, t).detach()
 
 
@@ -568,8 +702,9 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
 
 def slice_model(model, units: Units, gate: torch.Tensor):
     """Replace every decoder layer by its sliced twin, in place, and record the per-layer
-    shapes in the config (transformers' `per_layer_config`) with an auto_map to the modeling
-    file that reads them. The model runs right away and saves as a loadable checkpoint."""
+    shapes in the config (transformers' `per_layer_config`). The model becomes an instance of
+    the modeling file's class that reads them, so it runs right away and every save_pretrained
+    of it writes a checkpoint that loads (the file travels with it, named in `auto_map`)."""
     config = model.config
     kept_ffn = units.ffn(gate).count_nonzero(1).tolist()
     kept_kv = units.kv(gate).count_nonzero(1).tolist()
@@ -581,15 +716,95 @@ def slice_model(model, units: Units, gate: torch.Tensor):
         i: {"intermediate_size": f, "num_key_value_heads": k, "num_attention_heads": k * units.heads_per_group}
         for i, (f, k) in enumerate(zip(kept_ffn, kept_kv))
     }
-    config.auto_map = {"AutoModelForCausalLM": f"modeling_grasprune.{PRUNED_CLASSES[config.model_type].__name__}"}
     layers = model.model.layers
     for i in range(len(layers)):
         layers[i] = slice_layer(layers[i], config.per_layer_config[i], units.ffn(gate)[i], units.kv(gate)[i], units)
+    model.__class__ = PRUNED_CLASSES[config.model_type]  # the stock class plus the per-layer __init__
     return model
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Reporting and saving
+# 9. The method in one call
+
+
+def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Recipe(), *,
+          gradient_checkpointing: bool = False, evaluate: Callable | None = None,
+          project=project_to_budget) -> tuple[torch.nn.Module, dict]:
+    """GRASPrune on a loaded model, which is pruned in place and returned with a report.
+
+    `data` holds the calibration token ids, (N, L) (`calibration_batches` or
+    `sample_from_model`). Steps 3 to 8: units and budget, the dense model's targets (kd),
+    starting scores, gate training, the final mask, scaling calibration, slicing. `evaluate`,
+    if given, is called on the dense, the masked (before scaling) and the pruned model and its
+    results land in report["eval"]; `project` is the mask rule (the ablations swap in others).
+    """
+    recipe.validate()
+    timings, memory, evaluations, clock = {}, {}, {}, time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        timings[stage] = round(time.perf_counter() - clock, 2)
+        memory[stage] = peak_memory_gib()
+        clock = time.perf_counter()
+
+    units = find_units(model)
+    budget = budget_for(in_blocks(units, recipe.ffn_multiple), sparsity, recipe.kv_floor)  # the final mask's
+    costs = units.costs(input_device(model))
+    before = model_summary(model)
+    print(f"[grasprune] {units.count:,} units ({units.num_ffn:,} FFN channels of {units.ffn_cost:,} params, "
+          f"{units.count - units.num_ffn:,} KV groups of {units.kv_cost:,}); budget {budget:,} of {units.total_cost:,}")
+    if evaluate:
+        evaluations["dense"] = evaluate(model)
+        lap("eval_dense")
+    with activation_checkpointing(model, gradient_checkpointing):
+        targets = teacher_targets(model, data, recipe.batch_size, recipe.top_k) if recipe.loss == "kd" else None
+        lap("teacher_targets")
+        init = None
+        if recipe.init == "importance":
+            init = importance_scores(model, units, data, budget, recipe.batch_size, recipe.kv_floor)
+        lap("importance")
+        scores, history = train_gates(model, units, data, budget, recipe, init, targets, project)
+        if recipe.ffn_multiple == 1:
+            mask = project(scores, costs, budget, units, recipe.kv_floor)
+        else:  # trained channel by channel, kept in whole blocks
+            mask = project_aligned(scores, budget, units, recipe.kv_floor, recipe.ffn_multiple)
+        lap("gate_training")
+    if evaluate:
+        with gated(model, units) as gates:
+            gates.values = mask.float()
+            evaluations["masked"] = evaluate(model)
+        lap("eval_masked")
+    with activation_checkpointing(model, gradient_checkpointing):
+        gate = calibrate_scales(model, units, mask, data, recipe, targets) if recipe.rescale else mask.float()
+    lap("scaling_calibration")
+    slice_model(model, units, gate)
+    after = model_summary(model)
+    lap("slicing")
+    if evaluate:
+        evaluations["pruned"] = evaluate(model)
+        lap("eval_pruned")
+    return model, {
+        "sparsity": sparsity,
+        "recipe": dataclasses.asdict(recipe),
+        "units": dataclasses.asdict(units),
+        "budget": budget,
+        "before": before,
+        "after": after,
+        "parameters_removed": 1 - after["parameters"] / before["parameters"],
+        "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
+        "steps": len(history),
+        "final_flips": history[-1]["flips"],
+        "mean_flips_last_tenth": late_flips(history),
+        "final_loss": history[-1]["loss"],
+        "layers": layer_table(model, units),
+        "eval": evaluations,
+        "seconds": timings,
+        "peak_memory_gib": memory,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Reporting and saving
 
 
 def late_flips(history: list[dict]) -> float:
@@ -646,37 +861,117 @@ def layer_table(model, units: Units) -> list[dict]:
     return rows
 
 
-def print_layer_table(rows: list[dict], units: Units) -> None:
+def print_report(report: dict) -> None:
+    """The per-layer table, what was removed, the cost of gate training and the --eval figures."""
+    units = report["units"]
+    width, kv = units["ffn_per_layer"], units["kv_per_layer"]
     print(f"{'layer':>5} {'FFN channels':>14} {'KV groups':>10} {'Q heads':>8} {'parameters':>12}")
-    for r in rows:
-        print(
-            f"{r['layer']:>5} {r['ffn_channels']:>7}/{units.ffn_per_layer:<6} {r['kv_groups']:>4}/{units.kv_per_layer:<5}"
-            f" {r['query_heads']:>4}/{units.kv_per_layer * units.heads_per_group:<3} {r['parameters']:>12,}"
-        )
+    for r in report["layers"]:
+        print(f"{r['layer']:>5} {r['ffn_channels']:>7}/{width:<6} {r['kv_groups']:>4}/{kv:<5}"
+              f" {r['query_heads']:>4}/{kv * units['heads_per_group']:<3} {r['parameters']:>12,}")
+    before, after = report["before"], report["after"]
+    print(f"[grasprune] parameters {before['parameters']:,} -> {after['parameters']:,} "
+          f"({report['parameters_removed']:.2%} removed); prunable {before['prunable_parameters']:,} -> "
+          f"{after['prunable_parameters']:,} ({report['prunable_removed']:.2%} removed); KV cache "
+          f"{before['kv_cache_bytes_per_token']:,} -> {after['kv_cache_bytes_per_token']:,} bytes/token")
+    print(f"[grasprune] gate training: {report['seconds']['gate_training']:.0f} s, peak memory "
+          + ", ".join(f"{device} {gib:.2f} GiB" for device, gib in report["peak_memory_gib"]["gate_training"].items()))
+    for name, q in report["eval"].items():
+        print(f"[grasprune] {name:>6}: WikiText-2 test perplexity {q['perplexity']:.2f}, decode "
+              f"{q['decode_tokens_per_s']:.1f} tokens/s, {EVAL_PROMPT!r} -> {q['continuation']!r}")
 
 
-def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool) -> None:
-    """Write the sliced model, tokenizer, modeling file and report into a temporary folder
-    beside `output`, then move it into place: an interrupted run leaves no half checkpoint."""
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back while the old checkpoint is swapped for the new one, so an
+    interruption leaves one whole checkpoint, never none."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool = False,
+                    gguf: str | None = None, gguf_tokenizer: str | None = None) -> None:
+    """Write the sliced model (with modeling_grasprune.py, by save_pretrained), tokenizer,
+    report and, given a `gguf` type, a GGUF file for llama.cpp (export_gguf.py) into a
+    temporary folder beside `output`, then move it into place: an interrupted or failed run
+    leaves no half checkpoint."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # as a plain mkdir would make it (mkdtemp's 0700 hides it)
         # safetensors, tied embeddings stored once; 5 GB shards (the hub's usual size) also bound
         # the CPU memory that saving a --device-map model with offloaded modules needs.
         model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
-        shutil.copy(MODELING_FILE, tmp / MODELING_FILE.name)
         (tmp / "grasprune_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if output.exists() and overwrite:
-            shutil.rmtree(output)
-        tmp.rename(output)
+        if gguf:
+            import export_gguf
+
+            export_gguf.write_gguf(model, tokenizer, tmp / f"{output.name}-{gguf}.gguf", gguf, gguf_tokenizer)
+        with signals_held():
+            if output.exists() and overwrite:
+                shutil.rmtree(output)
+            tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1,
+               limit_windows: int | None = None) -> float:
+    """exp of the mean next-token NLL over the non-overlapping `seq_len`-token windows of `text`
+    (the SparseGPT/Wanda protocol; eval.py's too). `text` is tokenized once with the tokenizer's
+    default special tokens (a LLaMA tokenizer puts one BOS at the very start); `seq_len` is
+    capped at the model's context length; `limit_windows` keeps only the first windows."""
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n_windows = ids.numel() // seq_len
+    if limit_windows is not None:
+        n_windows = min(n_windows, limit_windows)
+    if n_windows == 0:
+        raise UsageError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len).to(input_device(model))
+    nll = 0.0
+    for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({seq_len}-token windows)"):
+        logits = model(batch).logits[:, :-1].float()
+        targets = batch[:, 1:].to(logits.device)  # under --device-map the LM head may sit elsewhere
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+    # every window predicts seq_len - 1 tokens, so this is also the mean of per-window means
+    return math.exp(nll / (n_windows * (seq_len - 1)))
+
+
+EVAL_PROMPT = "The capital of France is"
+
+
+def quality(model, tokenizer, text: str, windows: int | None) -> dict:
+    """--eval: WikiText-2 test perplexity (2048-token windows), and one prompt's greedy
+    continuation with its decode speed (batch 1), to see what pruning did."""
+    ppl = perplexity(model, tokenizer, text, seq_len=2048, limit_windows=windows)
+    prompt = tokenizer(EVAL_PROMPT, return_tensors="pt").input_ids.to(input_device(model))
+    start = time.perf_counter()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
+                         min_new_tokens=32, pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    return {"perplexity": ppl, "decode_tokens_per_s": 32 / seconds,
+            "continuation": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)}
+
+
 # ----------------------------------------------------------------------------------------------
-# 10. Command line
+# 11. Command line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as a UsageError (one line, exit 2), not as usage text."""
+
+    def error(self, message: str):
+        raise UsageError(message)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -687,8 +982,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recipe]:
+    """The command line's settings, and the recipe they make (the defaults, or with --paper the
+    paper's, with any recipe option given on top)."""
+    default, paper = Recipe(), Recipe.paper()
+    p = ArgumentParser(prog="grasprune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters to remove")
     p.add_argument("--output", help="output folder (default: <model name>-grasprune-s<sparsity>)")
@@ -698,17 +996,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data (no network)")
     p.add_argument("--nsamples", type=int, default=512, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
-    p.add_argument("--batch-size", type=int, default=1, help="calibration sequences per optimizer step")
-    p.add_argument("--epochs", type=int, default=4, help="epochs of gate training")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (gate scores and scales)")
-    p.add_argument("--tau", type=float, default=1.5, help="temperature of the straight-through sigmoid")
-    p.add_argument("--init", choices=("zeros", "importance"), default="importance",
-                   help="initial gate scores: Fisher importance per parameter, or all 0 (the paper's)")
-    p.add_argument("--loss", choices=("lm", "kd"), default="kd",
-                   help="kd: distill the dense model's own predictions; lm: next-token loss (the paper's)")
-    p.add_argument("--kv-floor", type=int, choices=(0, 1), default=1,
-                   help="KV groups every layer keeps; 0 lets a layer drop its whole attention block")
-    p.add_argument("--no-rescale", action="store_true", help="skip the scaling calibration")
+    p.add_argument("--paper", action="store_true", help="the paper's recipe: --init zeros --loss lm")
+    recipe = p.add_argument_group("recipe (default / with --paper)")
+    for name, kind, choices, text in (
+        ("batch_size", int, None, "calibration sequences per optimizer step"),
+        ("epochs", int, None, "epochs of gate training"),
+        ("lr", float, None, "AdamW learning rate (gate scores and scales)"),
+        ("tau", float, None, "temperature of the straight-through sigmoid"),
+        ("init", str, ("importance", "zeros"), "initial gate scores: Fisher importance per parameter, or all 0"),
+        ("loss", str, ("kd", "lm"), "kd: distill the dense model's own predictions; lm: next-token loss"),
+        ("top_k", int, None, "with kd: the dense model's most likely tokens kept per calibration token"),
+        ("kv_floor", int, (0, 1), "KV groups every layer keeps; 0 lets a layer drop its whole attention block"),
+        ("ffn_multiple", int, None, "keep every FFN width a multiple of it (whole blocks of the final mask)"),
+    ):
+        recipe.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices,
+                            help=f"{text} ({getattr(default, name)} / {getattr(paper, name)})")
+    recipe.add_argument("--no-rescale", dest="rescale", action="store_false", default=None,
+                        help="skip the scaling calibration")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more time")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of calibration windows (and sampling)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -716,91 +1020,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device-map", help="auto: spread a model too big for one GPU over all GPUs and CPU memory")
     p.add_argument("--eval", action="store_true", help="WikiText-2 test perplexity: dense, masked, final")
     p.add_argument("--eval-windows", type=int, help="with --eval: only the first N 2048-token windows (quick runs)")
+    p.add_argument("--gguf", choices=("f32", "f16", "bf16", "q8_0"), help="also write a GGUF file for llama.cpp")
     args = p.parse_args(argv)
-    if not 0.0 < args.sparsity < 1.0:
-        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {args.sparsity}")
-    for name in ("nsamples", "seq_len", "batch_size", "epochs"):
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name, None) is not None}
+    recipe = dataclasses.replace(paper if args.paper else default, **given)
+    recipe.validate()
+    for name in ("nsamples", "seq_len") + (("eval_windows",) if args.eval_windows is not None else ()):
         if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.output is None:
-        args.output = f"{Path(args.model.rstrip('/')).stem}-grasprune-s{args.sparsity}"
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.output is None:  # only a .gguf suffix goes: Llama-3.2-1B is not Llama-3
+        args.output = f"{Path(args.model.rstrip('/')).name.removesuffix('.gguf')}-grasprune-s{args.sparsity}"
     if Path(args.output).exists() and not args.overwrite:
         raise UsageError(f"output folder {args.output} exists; pass --overwrite to replace it")
-    return args
+    return args, recipe
 
 
-EVAL_PROMPT = "The capital of France is"
-
-
-def quality(model, tokenizer, text: str, args) -> dict:
-    """--eval: WikiText-2 test perplexity with eval.py's protocol (2048-token windows), and one
-    prompt's greedy continuation with its decode speed (batch 1), to see what pruning did."""
-    import eval as evaluation
-
-    ppl = evaluation.perplexity(model, tokenizer, text, seq_len=2048, limit_windows=args.eval_windows)
-    prompt = tokenizer(EVAL_PROMPT, return_tensors="pt").input_ids.to(input_device(model))
-    start = time.perf_counter()
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
-                         min_new_tokens=32, pad_token_id=tokenizer.eos_token_id)
-    seconds = time.perf_counter() - start
-    return {"perplexity": ppl, "decode_tokens_per_s": 32 / seconds,
-            "continuation": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)}
-
-
-def run(args: argparse.Namespace) -> dict:
-    """The whole pipeline; returns the report that is saved beside the checkpoint."""
-    timings, memory, clock = {}, {}, time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        timings[stage] = round(time.perf_counter() - clock, 2)
-        memory[stage] = peak_memory_gib()
-        clock = time.perf_counter()
-
+def run(args: argparse.Namespace, recipe: Recipe) -> dict:
+    """The command line's whole run: everything that can be refused is refused before the
+    weights load; then calibrate, prune, report and save. Returns the saved report."""
     torch.manual_seed(args.seed)
+    resolve_device_dtype(args.device, args.dtype)
+    config = load_config(args.model)
+    budget_for(in_blocks(units_of_config(config), recipe.ffn_multiple), args.sparsity, recipe.kv_floor)
+    if args.gguf:
+        import export_gguf
+
+        try:
+            export_gguf.check_exportable(config)
+        except export_gguf.ExportError as err:
+            raise UsageError(str(err))
     text = None if args.calib == "self" else load_text(args.calib, args.calib_split, args.data_dir)
     eval_text = load_text("wikitext2", "test", args.data_dir) if args.eval else None
+    start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
-    units = find_units(model)
-    budget = budget_for(units, args.sparsity, args.kv_floor)
-    before = model_summary(model)
-    lap("load")
-
     if text is None:
         data = sample_from_model(model, tokenizer, args.nsamples, args.seq_len, args.seed)
     else:
         data = calibration_batches(tokenizer, text, args.nsamples, args.seq_len, args.seed)
-    lap("calibration_data")
-    print(f"[grasprune] {units.count:,} units ({units.num_ffn:,} FFN channels of {units.ffn_cost:,} params, "
-          f"{units.count - units.num_ffn:,} KV groups of {units.kv_cost:,}); budget {budget:,} of {units.total_cost:,}")
-
-    evaluations = {}
-    if args.eval:
-        evaluations["dense"] = quality(model, tokenizer, eval_text, args)
-        lap("eval_dense")
-
-    mask, history = select_mask(model, units, data, budget, args)
-    lap("gate_training")
-    if args.eval:
-        with gated(model, units) as gates:
-            gates.values = mask.float()
-            evaluations["masked"] = quality(model, tokenizer, eval_text, args)
-        lap("eval_masked")
-
-    if args.no_rescale:
-        gate = mask.float()
-    else:
-        with activation_checkpointing(model, args.gradient_checkpointing):
-            gate = calibrate_scales(model, units, mask, data, args)
-    lap("scaling_calibration")
-    slice_model(model, units, gate)
-    after = model_summary(model)
-    lap("slicing")
-    if args.eval:
-        evaluations["pruned"] = quality(model, tokenizer, eval_text, args)
-        lap("eval_pruned")
-
-    rows = layer_table(model, units)
+    loading = round(time.perf_counter() - start, 2)
+    evaluate = partial(quality, tokenizer=tokenizer, text=eval_text, windows=args.eval_windows) if args.eval else None
+    model, pruned = prune(model, data, args.sparsity, recipe, gradient_checkpointing=args.gradient_checkpointing,
+                          evaluate=evaluate)
     report = {
         "settings": dict(vars(args)),
         "versions": {"python": platform.python_version()}
@@ -808,45 +1068,29 @@ def run(args: argparse.Namespace) -> dict:
         "device": str(input_device(model)),
         "device_map": getattr(model, "hf_device_map", None),  # where --device-map placed each module
         "dtype": str(model.dtype).removeprefix("torch."),
-        "units": vars(units),
-        "budget": budget,
-        "before": before,
-        "after": after,
-        "parameters_removed": 1 - after["parameters"] / before["parameters"],
-        "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
-        "steps": len(history),
-        "final_flips": history[-1]["flips"],
-        "mean_flips_last_tenth": late_flips(history),
-        "final_loss": history[-1]["loss"],
-        "eval": evaluations,
-        "layers": rows,
-        "seconds": timings,
-        "peak_memory_gib": memory,
-    }
-    print_layer_table(rows, units)
-    print(f"[grasprune] parameters {before['parameters']:,} -> {after['parameters']:,} "
-          f"({report['parameters_removed']:.2%} removed); prunable {before['prunable_parameters']:,} -> "
-          f"{after['prunable_parameters']:,} ({report['prunable_removed']:.2%} removed); KV cache "
-          f"{before['kv_cache_bytes_per_token']:,} -> {after['kv_cache_bytes_per_token']:,} bytes/token")
-    peak = memory["gate_training"]
-    print(f"[grasprune] gate training: {timings['gate_training']:.0f} s, peak memory "
-          + ", ".join(f"{device} {gib:.2f} GiB" for device, gib in peak.items()))
-    for name, q in evaluations.items():
-        print(f"[grasprune] {name:>6}: WikiText-2 test perplexity {q['perplexity']:.2f}, decode "
-              f"{q['decode_tokens_per_s']:.1f} tokens/s, {EVAL_PROMPT!r} -> {q['continuation']!r}")
-    save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
+    } | pruned
+    report["seconds"] = {"load_and_calibration_data": loading} | report["seconds"]
+    print_report(report)
+    gguf_tokenizer = args.model if args.model.endswith(".gguf") else None  # carried over unchanged
+    save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite, args.gguf, gguf_tokenizer)
     print(f"[grasprune] saved {args.output}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(parse_args(argv))
+        run(*parse_args(argv))
     except UsageError as err:
         print(f"grasprune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("grasprune: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
+    # SIGTERM (timeout, kill, Slurm, docker stop) unwinds like Ctrl-C, so the temporary folder
+    # of a checkpoint being saved is removed; the exit status stays the conventional 128 + 15.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -1,8 +1,9 @@
 """Modeling code for GRASPrune checkpoints: LLaMA-family models whose layers differ in width.
 
-grasprune.py copies this file beside every checkpoint it writes and names it in the config's
-`auto_map`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` (and with it
-`generate()`, pipelines and lm-evaluation-harness) builds the smaller model with no other code.
+Every `save_pretrained` of a pruned model copies this file beside the weights and names it in the
+config's `auto_map` (the classes below are registered for `AutoModelForCausalLM`), so
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` (and with it `generate()`,
+pipelines and lm-evaluation-harness) builds the smaller model with no other code.
 
 The per-layer shapes follow transformers' heterogeneous-config convention: the config keeps the
 dense model's global values and a sparse `per_layer_config = {layer: {"intermediate_size": ...,
@@ -11,35 +12,51 @@ dense model's global values and a sparse `per_layer_config = {layer: {"intermedi
 code does not read it yet; the classes below do, and nothing else differs from the originals.
 """
 
+import contextlib
 import copy
+import logging
+from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
     LlamaForCausalLM,
     MistralForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
+from transformers.cache_utils import DummyLayer
+
+
+def hold_no_cache(cache, layer_idx: int) -> None:
+    """Put transformers' placeholder for attention-free layers (DummyLayer) in this layer's cache
+    slot. The cache then counts the tokens seen in its first layer with attention: an empty
+    layer 0 would report 0 and break every cached decoding step after the first."""
+    layers = cache.layers
+    while len(layers) <= layer_idx:  # a cache made without a config grows one layer at a time
+        layers.append(cache.layer_class_to_replicate())
+    if not isinstance(layers[layer_idx], DummyLayer):
+        layers[layer_idx] = DummyLayer()
 
 
 class NoAttention(nn.Module):
     """The attention block of a layer that kept no KV group: it adds only o_proj's bias (where
     the model has one; o_proj keeps its bias and zero columns), so the layer skips attention and
-    its input norm. It still appends zero-width keys and values to the cache, because the cache
-    counts the tokens seen from what it holds."""
+    its input norm, and holds nothing in the KV cache."""
 
-    def __init__(self, o_proj: nn.Linear, head_dim: int, layer_idx: int):
+    def __init__(self, o_proj: nn.Linear, layer_idx: int):
         super().__init__()
         o_proj.weight = nn.Parameter(o_proj.weight[:, :0], requires_grad=o_proj.weight.requires_grad)
         o_proj.in_features = 0
         self.o_proj = o_proj  # the bias stays, the weight has no columns left
-        self.head_dim, self.layer_idx = head_dim, layer_idx
+        self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, **kwargs):
+    def forward(self, hidden_states, cache=None, **kwargs):
         if cache is not None:
-            empty = hidden_states.new_zeros(hidden_states.shape[0], 0, hidden_states.shape[1], self.head_dim)
-            cache.update(empty, empty, self.layer_idx)
+            hold_no_cache(cache, self.layer_idx)
         return self.o_proj(hidden_states[..., :0]), None
 
 
@@ -51,16 +68,32 @@ def build_layer(layer_cls: type, layer_config, layer_idx: int) -> nn.Module:
     one_head = copy.copy(layer_config)
     one_head.num_key_value_heads = one_head.num_attention_heads = 1
     layer = layer_cls(one_head, layer_idx)
-    layer.self_attn = NoAttention(layer.self_attn.o_proj, layer_config.head_dim, layer_idx)
+    layer.self_attn = NoAttention(layer.self_attn.o_proj, layer_idx)
     layer.input_layernorm = nn.Identity()
     return layer
+
+
+@contextlib.contextmanager
+def quiet_global_reads():
+    """Reading the dense widths from a pruned config's global values is deliberate where this
+    file does it (the stock classes' __init__ builds dense layers that are then rebuilt from their
+    own entries), so transformers' warning about reading a per-layer attribute globally is held
+    back meanwhile."""
+    logger = logging.getLogger("transformers.integrations.heterogeneity.configuration_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class PerLayerShapesMixin:
     """Rebuilds every decoder layer from its own entry of `config.per_layer_config`."""
 
     def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
+        with quiet_global_reads():
+            super().__init__(config, *args, **kwargs)
         if config.is_heterogeneous:
             layers = self.model.layers
             for i, layer in enumerate(layers):
@@ -89,3 +122,38 @@ PRUNED_CLASSES = {
     "qwen2": GraspruneQwen2ForCausalLM,
     "qwen3": GraspruneQwen3ForCausalLM,
 }
+for _cls in PRUNED_CLASSES.values():  # save_pretrained then copies this file and writes auto_map
+    _cls.register_for_auto_class("AutoModelForCausalLM")
+
+
+def source_of(name: str) -> tuple[str, dict]:
+    """Where transformers reads `name` from: a hub id or folder as it is; a .gguf file from its
+    folder, with `gguf_file=` naming it."""
+    if not name.endswith(".gguf"):
+        return name, {}
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {name}")
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def load_config(name: str):
+    """The config of a hub id, folder, .gguf file or checkpoint, without loading any weights."""
+    source, extra = source_of(name)
+    with quiet_global_reads():  # transformers' config validation reads the global widths
+        return AutoConfig.from_pretrained(source, **extra)
+
+
+def load_pretrained(name: str, **kwargs) -> tuple[nn.Module, "AutoTokenizer"]:
+    """Model and tokenizer of a hub id, a local folder, a .gguf file or a GRASPrune checkpoint,
+    without remote code: a checkpoint's layers differ in width, so it is built by the class
+    above that reads them. GGUF weights are dequantized to plain floats. `kwargs` go to the
+    model's `from_pretrained` (dtype, device_map, ...)."""
+    source, extra = source_of(name)
+    if extra:
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    config = load_config(name)
+    model_cls = PRUNED_CLASSES[config.model_type] if config.is_heterogeneous else AutoModelForCausalLM
+    with quiet_global_reads():
+        model = model_cls.from_pretrained(source, **extra, **kwargs)
+    return model, AutoTokenizer.from_pretrained(source, **extra)

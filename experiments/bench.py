@@ -1,28 +1,37 @@
 """Benchmarks for GRASPrune: what gating costs during calibration, and what pruning buys at serving.
 
-  python bench.py overhead --model M      gate-training step vs a bare forward+backward of the
-                                          frozen model, saved-activation memory, projection share
-  python bench.py memory                  gate-training memory of LLaMA-2-7B (bf16, 512 tokens):
-                                          activations measured on 1- and 2-layer random-weight
-                                          models of its shapes, extrapolated to 32 layers
-  python bench.py serving M1 M2 ...       parameters, weight and KV-cache bytes, prefill and decode
-                                          speed, peak memory; each model in its own process
+  python experiments/bench.py overhead --model M   gate-training step vs a bare forward+backward of
+                                                   the frozen model, saved-activation memory,
+                                                   projection share
+  python experiments/bench.py recipes --model M    a gate-training step of the defaults vs one of
+                                                   the paper's recipe, side by side, and the
+                                                   defaults' one-off costs
+  python experiments/bench.py memory               gate-training memory of LLaMA-2-7B (bf16, 512
+                                                   tokens): activations measured on 1- and 2-layer
+                                                   random-weight models of its shapes, extrapolated
+  python experiments/bench.py widths               time per FFN channel at odd and round widths
+  python experiments/bench.py serving M1 M2 ...    parameters, weight and KV-cache bytes, prefill and
+                                                   decode speed, peak memory; one process per model
 
 Figures are printed, never asserted: speed depends on the machine.
 """
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # grasprune.py
+
 import grasprune
+from grasprune import Recipe
 
 
 def seconds(fn, repeats: int) -> float:
@@ -62,8 +71,8 @@ def bare_step(model, batch: torch.Tensor) -> None:
     model(inputs_embeds=embeds, labels=batch, use_cache=False).loss.backward()
 
 
-# One gate-training step of the paper's recipe (LM loss, one KV group per layer kept).
-STEP_ARGS = SimpleNamespace(lr=1e-2, tau=1.5, epochs=1, batch_size=1, loss="lm", kv_floor=1)
+# One epoch of gate training with the paper's recipe (LM loss, one gate per FFN channel).
+PAPER_STEP = dataclasses.replace(Recipe.paper(), epochs=1)
 
 
 def overhead(args) -> None:
@@ -76,7 +85,7 @@ def overhead(args) -> None:
 
     # The real training loop over `steps` sequences (its setup amortized) vs bare passes over the same.
     def gate_steps():
-        grasprune.train_gates(model, units, data, budget, STEP_ARGS)
+        grasprune.train_gates(model, units, data, budget, PAPER_STEP)
 
     def bare_steps():
         for batch in data.split(1):
@@ -86,7 +95,7 @@ def overhead(args) -> None:
     bare = seconds(bare_steps, args.repeats) / args.steps
     project = seconds(lambda: grasprune.project_to_budget(scores, costs, budget, units), args.repeats)
     memory = {}
-    for name, step in (("gate", lambda: grasprune.train_gates(model, units, data[:1], budget, STEP_ARGS)),
+    for name, step in (("gate", lambda: grasprune.train_gates(model, units, data[:1], budget, PAPER_STEP)),
                        ("bare", lambda: bare_step(model, data[:1].to(model.device)))):
         total = [0]
         if torch.cuda.is_available():
@@ -102,6 +111,56 @@ def overhead(args) -> None:
         "threads": torch.get_num_threads(),
         "gate_step_s": gate, "bare_step_s": bare, "overhead_ratio": gate / bare,
         "projection_s": project, "projection_share": project / gate, "memory": memory,
+    }, indent=2))
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def recipes(args) -> None:
+    """A gate-training step of the defaults (distillation from cached targets, FFN units of 32
+    channels) against one of the paper's recipe (LM loss, one unit per channel): both loops over
+    the same sequences, timed alternately (paper, defaults, paper, ...) so that load on the
+    machine reaches both alike, medians taken. The defaults' one-off costs are timed too: the
+    teacher's targets (one forward per sequence) and the importance pass (32 forward+backward),
+    with the memory the targets take here and would take for LLaMA-2-7B."""
+    model, _ = grasprune.load_model(args.model, args.device, args.dtype)
+    device = grasprune.input_device(model)
+    data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(0))
+    default = dataclasses.replace(Recipe(), epochs=1)
+    setups = {}
+    for name, recipe in (("paper", PAPER_STEP), ("default", default)):
+        units = grasprune.find_units(model, recipe.ffn_multiple)
+        setups[name] = (units, grasprune.budget_for(units, 0.5), recipe)
+    start = time.perf_counter()
+    targets = grasprune.teacher_targets(model, data, 1, default.top_k)
+    teacher = (time.perf_counter() - start) / args.steps
+    units, budget, _ = setups["default"]
+    start = time.perf_counter()
+    grasprune.importance_scores(model, units, data, budget)
+    importance = time.perf_counter() - start
+    times = {"paper": [], "default": []}
+    for _ in range(args.repeats):
+        for name, (units, budget, recipe) in setups.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            grasprune.train_gates(model, units, data, budget, recipe, targets=targets if name == "default" else None)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / args.steps)
+    per_token = default.top_k * 8 + 4  # int32 id + float32 log-probability per kept token, + the tail
+    print(json.dumps({
+        "model": args.model, "device": str(device), "dtype": str(model.dtype), "seq_len": args.seq_len,
+        "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
+        "paper_step_s": median(times["paper"]), "default_step_s": median(times["default"]),
+        "step_ratio": median(times["default"]) / median(times["paper"]),
+        "pairwise_ratios": [d / p for p, d in zip(times["paper"], times["default"])],
+        "teacher_targets_s_per_sequence": teacher, "importance_s": importance,
+        "targets_MiB_here": sum(t.nbytes for t in targets) / 2**20,
+        "targets_MiB_512x512_tokens": 512 * 512 * per_token / 2**20,
+        "full_distributions_GiB_512x512_bf16": {vocab: 512 * 512 * vocab * 2 / 2**30 for vocab in (32000, 128256)},
     }, indent=2))
 
 
@@ -124,7 +183,7 @@ def memory(args) -> None:
         data = torch.randint(config.vocab_size, (1, args.seq_len))
         total = [0]
         with saved_activation_bytes(total):
-            grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), STEP_ARGS)
+            grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), PAPER_STEP)
         saved[layers] = total[0]
         units_count = units.count // layers
     per_layer, fixed = saved[2] - saved[1], 2 * saved[1] - saved[2]
@@ -222,9 +281,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("overhead", help="gate-training step vs bare forward+backward")
-    o.add_argument("--model", required=True)
-    o.add_argument("--seq-len", type=int, default=512)
-    o.add_argument("--steps", type=int, default=8, help="training steps per timed run")
+    r = sub.add_parser("recipes", help="a step of the defaults vs one of the paper's recipe")
+    for q in (o, r):
+        q.add_argument("--model", required=True)
+        q.add_argument("--seq-len", type=int, default=512)
+        q.add_argument("--steps", type=int, default=8, help="training steps per timed run")
     m = sub.add_parser("memory", help="gate-training memory of LLaMA-2-7B, extrapolated from 1 and 2 layers")
     m.add_argument("--seq-len", type=int, default=512)
     w = sub.add_parser("widths", help="time per FFN channel at widths on and off multiples of 64")
@@ -234,13 +295,13 @@ def main() -> None:
     s.add_argument("models", nargs="+", help="first the dense model, then pruned checkpoints")
     s.add_argument("--prompt-len", type=int, default=512)
     s.add_argument("--new-tokens", type=int, default=128)
-    for q in (o, w, s):
+    for q in (o, r, w, s):
         q.add_argument("--repeats", type=int, default=3)
         q.add_argument("--device")
         q.add_argument("--dtype")
     args = p.parse_args()
     torch.manual_seed(0)
-    {"overhead": overhead, "memory": memory, "widths": widths, "serving": serving}[args.command](args)
+    {"overhead": overhead, "recipes": recipes, "memory": memory, "widths": widths, "serving": serving}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""Dense and pruned models in llama.cpp: WikiText-2 perplexity next to transformers' on the same
+windows, prompt and generation speed side by side, file sizes, and matrices left unquantized.
+
+  python experiments/llamacpp.py --bin ~/llama.cpp/build/bin --data-dir ../shared/data \
+      --models $GGUF smollm2-s0.3 smollm2-s0.5 --outtypes f16 q8_0 --output llamacpp.json
+
+Each model is exported with export_gguf.py (into --work). Perplexity: llama-perplexity on
+WikiText-2 test as eval.py joins it, in windows of 2048 tokens: the same windows as eval.py's;
+llama.cpp scores the second half of each window (its tokens see at least 1024 of context), so
+transformers' perplexity is given both over those same tokens and over every token (eval.py's
+number). The token ids are checked equal first (llama-tokenize). Speed: llama-bench, 2 threads,
+prompt 512 and 128 generated tokens, each model once per round, rounds alternating the models so
+that load on the machine reaches all alike; medians.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import export_gguf
+import grasprune
+
+WINDOW = 2048
+
+
+@torch.inference_mode()
+def transformers_perplexity(model, ids: torch.Tensor) -> dict:
+    """Perplexity over every predicted token of each window (eval.py's) and over the second half
+    only (llama-perplexity's), from one forward per window."""
+    windows = ids[: ids.numel() // WINDOW * WINDOW].view(-1, WINDOW)
+    nll = torch.zeros(2, dtype=torch.float64)
+    for window in tqdm(windows, desc="transformers perplexity"):
+        logits = model(window[None]).logits[0, :-1].float()
+        losses = F.cross_entropy(logits, window[1:], reduction="none").double()
+        nll += torch.stack([losses.sum(), losses[WINDOW // 2:].sum()])  # predicted from positions 1024 on
+    every, second_half = len(windows) * (WINDOW - 1), len(windows) * (WINDOW - 1 - WINDOW // 2)
+    return {"all_tokens": math.exp(nll[0] / every), "second_half": math.exp(nll[1] / second_half),
+            "windows": len(windows)}
+
+
+def llama_perplexity(binary: Path, gguf: Path, text: Path, threads: int) -> float:
+    out = subprocess.run([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(WINDOW),
+                          "-b", str(WINDOW), "-t", str(threads)], capture_output=True, text=True, check=True)
+    line = next(line for line in out.stderr.splitlines() + out.stdout.splitlines() if "Final estimate" in line)
+    return float(line.split("PPL = ")[1].split()[0])
+
+
+def llama_tokens(binary: Path, gguf: Path, text: Path) -> list[int]:
+    out = subprocess.run([str(binary / "llama-tokenize"), "-m", str(gguf), "-f", str(text), "--ids",
+                          "--log-disable"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip())
+
+
+def llama_bench(binary: Path, gguf: Path, threads: int) -> dict:
+    out = subprocess.run([str(binary / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "512", "-n", "128",
+                          "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    return {("prompt" if r["n_prompt"] else "generation"): r["avg_ts"] for r in rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bin", required=True, type=Path, help="llama.cpp's build/bin folder")
+    p.add_argument("--models", nargs="+", required=True, help="the dense model first, then pruned checkpoints")
+    p.add_argument("--outtypes", nargs="+", default=["f16", "q8_0"])
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--work", type=Path, default=Path("llamacpp-work"), help="where the GGUF files go")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5, help="llama-bench rounds, models alternating")
+    p.add_argument("--output", required=True)
+    args = p.parse_args()
+    args.work.mkdir(exist_ok=True)
+    text = grasprune.load_text("wikitext2", "test", args.data_dir)
+    text_file = args.work / "wikitext-2-test.txt"
+    text_file.write_text(text)
+    results, files = {}, {}
+    for name in args.models:
+        model, tokenizer = grasprune.load_model(name, "cpu", "float32")
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        label = Path(name.rstrip("/")).name.removesuffix(".gguf")
+        results[label] = {"transformers": transformers_perplexity(model, ids), "parameters":
+                          grasprune.model_summary(model)["parameters"]}
+        for outtype in args.outtypes:
+            path = args.work / f"{label}-{outtype}.gguf"
+            summary = export_gguf.write_gguf(model, tokenizer, path, outtype, export_gguf.source_gguf(name))
+            same_tokens = llama_tokens(args.bin, path, text_file) == ids.tolist()
+            results[label][outtype] = {
+                "bytes": summary["bytes"], "matrices_not_in_outtype": summary["matrices_not_in_outtype"],
+                "same_tokens": same_tokens, "llama_cpp_perplexity": llama_perplexity(args.bin, path, text_file,
+                                                                                     args.threads)}
+            files[(label, outtype)] = path
+            print(json.dumps({label: results[label]}), flush=True)
+        del model
+    speeds = {key: [] for key in files}
+    for _ in range(args.rounds):
+        for key, path in files.items():
+            speeds[key].append(llama_bench(args.bin, path, args.threads))
+    for (label, outtype), runs in speeds.items():
+        results[label][outtype]["speed_tokens_per_s"] = {
+            kind: sorted(r[kind] for r in runs)[len(runs) // 2] for kind in ("prompt", "generation")}
+        results[label][outtype]["speed_runs"] = runs
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
