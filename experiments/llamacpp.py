@@ -1,15 +1,16 @@
 """Dense and pruned models in llama.cpp: WikiText-2 perplexity next to transformers' on the same
 windows, prompt and generation speed side by side, file sizes, and matrices left unquantized.
 
-  python experiments/llamacpp.py --bin ~/llama.cpp/build/bin --data-dir ../shared/data \
-      --models $GGUF smollm2-s0.3 smollm2-s0.5 --outtypes f16 q8_0 --output llamacpp.json
+  python experiments/llamacpp.py perplexity --bin ~/llama/build/bin --data-dir ../shared/data \
+      --models $GGUF smollm2-s0.3 smollm2-s0.5 --outtypes f16 q8_0 --output llamacpp-ppl.json
+  python experiments/llamacpp.py speed --bin ~/llama/build/bin llamacpp-work/*.gguf --output llamacpp-speed.json
 
-Each model is exported with export_gguf.py (into --work). Perplexity: llama-perplexity on
-WikiText-2 test as eval.py joins it, in windows of 2048 tokens: the same windows as eval.py's;
+perplexity: each model is exported with export_gguf.py (into --work), then llama-perplexity runs
+on WikiText-2 test as eval.py joins it, in windows of 2048 tokens: the same windows as eval.py's.
 llama.cpp scores the second half of each window (its tokens see at least 1024 of context), so
 transformers' perplexity is given both over those same tokens and over every token (eval.py's
-number). The token ids are checked equal first (llama-tokenize). Speed: llama-bench, 2 threads,
-prompt 512 and 128 generated tokens, each model once per round, rounds alternating the models so
+number). The token ids are checked equal first (llama-tokenize). speed: llama-bench, prompt 512
+and 128 generated tokens, each file once per round, the files alternating within every round so
 that load on the machine reaches all alike; medians.
 """
 
@@ -67,47 +68,56 @@ def llama_bench(binary: Path, gguf: Path, threads: int) -> dict:
     return {("prompt" if r["n_prompt"] else "generation"): r["avg_ts"] for r in rows}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bin", required=True, type=Path, help="llama.cpp's build/bin folder")
-    p.add_argument("--models", nargs="+", required=True, help="the dense model first, then pruned checkpoints")
-    p.add_argument("--outtypes", nargs="+", default=["f16", "q8_0"])
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--work", type=Path, default=Path("llamacpp-work"), help="where the GGUF files go")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5, help="llama-bench rounds, models alternating")
-    p.add_argument("--output", required=True)
-    args = p.parse_args()
+def perplexities(args) -> dict:
     args.work.mkdir(exist_ok=True)
     text = grasprune.load_text("wikitext2", "test", args.data_dir)
     text_file = args.work / "wikitext-2-test.txt"
     text_file.write_text(text)
-    results, files = {}, {}
+    results = {}
     for name in args.models:
         model, tokenizer = grasprune.load_model(name, "cpu", "float32")
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         label = Path(name.rstrip("/")).name.removesuffix(".gguf")
-        results[label] = {"transformers": transformers_perplexity(model, ids), "parameters":
-                          grasprune.model_summary(model)["parameters"]}
+        results[label] = {"transformers": transformers_perplexity(model, ids),
+                          "parameters": grasprune.model_summary(model)["parameters"]}
         for outtype in args.outtypes:
             path = args.work / f"{label}-{outtype}.gguf"
             summary = export_gguf.write_gguf(model, tokenizer, path, outtype, export_gguf.source_gguf(name))
-            same_tokens = llama_tokens(args.bin, path, text_file) == ids.tolist()
             results[label][outtype] = {
-                "bytes": summary["bytes"], "matrices_not_in_outtype": summary["matrices_not_in_outtype"],
-                "same_tokens": same_tokens, "llama_cpp_perplexity": llama_perplexity(args.bin, path, text_file,
-                                                                                     args.threads)}
-            files[(label, outtype)] = path
+                "file": str(path), "bytes": summary["bytes"],
+                "matrices_not_in_outtype": summary["matrices_not_in_outtype"],
+                "same_tokens": llama_tokens(args.bin, path, text_file) == ids.tolist(),
+                "llama_cpp_perplexity": llama_perplexity(args.bin, path, text_file, args.threads)}
             print(json.dumps({label: results[label]}), flush=True)
-        del model
-    speeds = {key: [] for key in files}
+    return results
+
+
+def speeds(args) -> dict:
+    runs = {str(path): [] for path in args.files}
     for _ in range(args.rounds):
-        for key, path in files.items():
-            speeds[key].append(llama_bench(args.bin, path, args.threads))
-    for (label, outtype), runs in speeds.items():
-        results[label][outtype]["speed_tokens_per_s"] = {
-            kind: sorted(r[kind] for r in runs)[len(runs) // 2] for kind in ("prompt", "generation")}
-        results[label][outtype]["speed_runs"] = runs
+        for path in args.files:
+            runs[str(path)].append(llama_bench(args.bin, path, args.threads))
+    return {path: {kind: sorted(r[kind] for r in rs)[len(rs) // 2] for kind in ("prompt", "generation")}
+            | {"runs": rs} for path, rs in runs.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ppl = sub.add_parser("perplexity", help="export, then llama.cpp's and transformers' perplexity")
+    ppl.add_argument("--models", nargs="+", required=True, help="the dense model first, then pruned checkpoints")
+    ppl.add_argument("--outtypes", nargs="+", default=["f16", "q8_0"])
+    ppl.add_argument("--data-dir", required=True)
+    ppl.add_argument("--work", type=Path, default=Path("llamacpp-work"), help="where the GGUF files go")
+    speed = sub.add_parser("speed", help="llama-bench, files alternating")
+    speed.add_argument("files", nargs="+", type=Path)
+    speed.add_argument("--rounds", type=int, default=5)
+    for q in (ppl, speed):
+        q.add_argument("--bin", required=True, type=Path, help="llama.cpp's build/bin folder")
+        q.add_argument("--threads", type=int, default=2)
+        q.add_argument("--output", required=True)
+    args = p.parse_args()
+    results = perplexities(args) if args.command == "perplexity" else speeds(args)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
