@@ -894,13 +894,13 @@ def signals_held():
 
 
 def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool = False,
-                    gguf: str | None = None, gguf_tokenizer: str | None = None) -> None:
-    """Write the sliced model (with modeling_grasprune.py, by save_pretrained), tokenizer,
-    report and, given a `gguf` type, a GGUF file for llama.cpp (export_gguf.py) into a
-    temporary folder beside `output`, then move it into place: an interrupted or failed run
-    leaves no half checkpoint."""
+                    gguf: str | None = None, gguf_tokenizer: str | None = None) -> dict | None:
+    """Write the sliced model (with modeling_grasprune.py, by save_pretrained), tokenizer and
+    report into a temporary folder beside `output`, then move it into place: an interrupted or
+    failed run leaves no half checkpoint. Given a `gguf` type, also `<output>-<type>.gguf` for
+    llama.cpp (export_gguf.py), moved into place with it; returns what the export wrote."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp, exported = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent)), None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -913,14 +913,18 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
         if gguf:
             import export_gguf
 
-            export_gguf.write_gguf(model, tokenizer, tmp / f"{output.name}-{gguf}.gguf", gguf, gguf_tokenizer)
+            exported = export_gguf.write_gguf(model, tokenizer, tmp / "model.gguf", gguf, gguf_tokenizer)
         with signals_held():
             if output.exists() and overwrite:
                 shutil.rmtree(output)
             tmp.rename(output)
+            if gguf:
+                exported["path"] = str(output.with_name(f"{output.name}-{gguf}.gguf"))
+                (output / "model.gguf").replace(exported["path"])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return exported
 
 
 @torch.inference_mode()
@@ -1030,8 +1034,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.output is None:  # only a .gguf suffix goes: Llama-3.2-1B is not Llama-3
         args.output = f"{Path(args.model.rstrip('/')).name.removesuffix('.gguf')}-grasprune-s{args.sparsity}"
-    if Path(args.output).exists() and not args.overwrite:
-        raise UsageError(f"output folder {args.output} exists; pass --overwrite to replace it")
+    gguf_file = Path(f"{args.output.rstrip('/')}-{args.gguf}.gguf")
+    for path in (Path(args.output), *((gguf_file,) if args.gguf else ())):
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it")
     return args, recipe
 
 
@@ -1072,8 +1078,13 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     report["seconds"] = {"load_and_calibration_data": loading} | report["seconds"]
     print_report(report)
     gguf_tokenizer = args.model if args.model.endswith(".gguf") else None  # carried over unchanged
-    save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite, args.gguf, gguf_tokenizer)
+    exported = save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite, args.gguf, gguf_tokenizer)
     print(f"[grasprune] saved {args.output}")
+    if exported:
+        others = exported["matrices_not_in_outtype"]
+        print(f"[grasprune] wrote {exported['path']} ({exported['bytes'] / 2**20:.1f} MiB); " + (
+            f"{len(others)} matrices stayed f16: their rows are not whole blocks of 32 (--ffn-multiple 32 aligns "
+            "every FFN width)" if others else f"every matrix {args.gguf}"))
     return report
 
 

@@ -562,7 +562,7 @@ def test_local_corpora_are_joined_as_the_perplexity_protocol_does():
 # The command line: a whole run, bad input, interruptions
 
 
-@pytest.mark.parametrize("switches", [["--paper"], ["--kv-floor", "0", "--ffn-multiple", "16"]])
+@pytest.mark.parametrize("switches", [["--paper"], ["--kv-floor", "0", "--ffn-multiple", "16", "--gguf", "q8_0"]])
 def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
     import eval as evaluation
 
@@ -585,7 +585,13 @@ def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
     units = report["units"]
     removed = report["before"]["prunable_parameters"] - summary["prunable_parameters"]
     assert 0 <= removed - 0.3 * report["before"]["prunable_parameters"] < max(units["kv_cost"], 16 * units["ffn_cost"])
-    assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "data", "out", "tiny"]
+    written = ["out-q8_0.gguf"] if "--gguf" in switches else []
+    assert sorted(p.name for p in tiny_folder.iterdir()) == sorted(["calib.txt", "data", "out", "tiny", *written])
+    if written:  # the GGUF file beside the checkpoint holds its per-layer shapes
+        import gguf
+
+        fields = gguf.GGUFReader(tiny_folder / written[0]).fields
+        assert fields["deci.feed_forward_length"].contents() == [r["ffn_channels"] for r in report["layers"]]
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes folders, readable by others
