@@ -167,6 +167,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     merges, pre-tokenizer), SentencePiece-style BPE (byte fallback, "▁" for spaces) as `llama`,
     whose merge order llama.cpp takes from token scores: the earlier a merge makes a token, the
     higher the token's score."""
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise ExportError(f"cannot export a {type(tokenizer).__name__}: a tokenizers-backed tokenizer is needed")
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
     if model["type"] != "BPE":
