@@ -10,6 +10,8 @@ dense model's global values and a sparse `per_layer_config = {layer: {"intermedi
 "num_key_value_heads": ..., "num_attention_heads": ...}}`. transformers parses and saves it, and
 `config.per_layer_config[i]` resolves layer i's full config, but the Llama/Mistral/Qwen modeling
 code does not read it yet; the classes below do, and nothing else differs from the originals.
+The loaders at the end (`load_config`, `load_pretrained`) open dense models, GGUF files and
+these checkpoints without remote code; grasprune.py and export_gguf.py both use them.
 """
 
 import contextlib
