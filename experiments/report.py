@@ -5,8 +5,8 @@ model's size and the run's wall time.
   python experiments/report.py dense=full-dense.json "defaults s0.4653=full-default-s0.4653.json"
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 TASKS = {"piqa": "PIQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag", "arc_easy": "ARC-e",
@@ -40,12 +40,18 @@ def tables(results: dict[str, dict]) -> str:
     return "\n".join(rows + plain)
 
 
+def labelled_result(arg: str) -> tuple[str, dict]:
+    """LABEL=FILE on the command line: the row's label and the eval.py JSON it shows."""
+    label, sep, path = arg.partition("=")
+    if not sep or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected LABEL=FILE with FILE an eval.py JSON, got {arg!r}")
+    return label, json.loads(Path(path).read_text())
+
+
 def main() -> None:
-    results = {}
-    for arg in sys.argv[1:]:
-        label, path = arg.split("=", 1)
-        results[label] = json.loads(Path(path).read_text())
-    print(tables(results))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=labelled_result, metavar="LABEL=FILE")
+    print(tables(dict(p.parse_args().results)))
 
 
 if __name__ == "__main__":
