@@ -91,7 +91,8 @@ def quiet_global_reads():
 
 
 class PerLayerShapesMixin:
-    """Rebuilds every decoder layer from its own entry of `config.per_layer_config`."""
+    """Rebuilds every decoder layer from its own entry of `config.per_layer_config`, and loads
+    and saves without transformers' warnings about the global widths the config keeps on purpose."""
 
     def __init__(self, config, *args, **kwargs):
         with quiet_global_reads():
@@ -100,6 +101,10 @@ class PerLayerShapesMixin:
             layers = self.model.layers
             for i, layer in enumerate(layers):
                 layers[i] = build_layer(type(layer), config.per_layer_config[i], i)
+
+    def save_pretrained(self, *args, **kwargs):
+        with quiet_global_reads():  # the config's validation on saving reads the global widths
+            return super().save_pretrained(*args, **kwargs)
 
 
 class GraspruneLlamaForCausalLM(PerLayerShapesMixin, LlamaForCausalLM):

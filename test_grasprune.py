@@ -236,8 +236,8 @@ def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path, tokenizer):
 
 def test_any_save_pretrained_of_a_pruned_model_reloads(tmp_path, tokenizer):
     """A checkpoint loaded by grasprune.load_model and saved again with plain save_pretrained
-    carries its modeling file, names the real class, and reloads as remote code; loading it
-    prints no warning of our own making (a fresh process, so no earlier warning hides one)."""
+    carries its modeling file, names the real class, and reloads as remote code; loading and saving
+    it print no warning of our own making (a fresh process, so no earlier warning hides one)."""
     model = tiny_model("qwen2")
     units = grasprune.find_units(model)
     grasprune.slice_model(model, units, random_gate(units, seed=5))
@@ -252,8 +252,12 @@ def test_any_save_pretrained_of_a_pruned_model_reloads(tmp_path, tokenizer):
     assert torch.equal(remote(ids).logits, model(ids).logits)
     load = (f"import grasprune; m, t = grasprune.load_model({str(tmp_path / 'first')!r}); "
             "m.generate(t('the of', return_tensors='pt').input_ids, max_new_tokens=2)")
-    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert "per-layer attribute" not in proc.stderr
+    save = ("import grasprune; from conftest import tiny_model, random_gate; m = tiny_model('llama-mha'); "
+            "u = grasprune.find_units(m); grasprune.slice_model(m, u, random_gate(u, seed=1)); "
+            f"m.save_pretrained({str(tmp_path / 'third')!r})")
+    for script in load, save:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+        assert "per-layer attribute" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
