@@ -839,11 +839,8 @@ def model_summary(model) -> dict:
         p.numel() for layer in model.model.layers for n, p in layer.named_parameters() if n in UNIT_SLICES
     )
     kv_width = sum(kv_width_of(layer) for layer in model.model.layers)
-    return {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "prunable_parameters": prunable,
-        "kv_cache_bytes_per_token": 2 * kv_width * model.dtype.itemsize,
-    }
+    return {"parameters": sum(p.numel() for p in model.parameters()), "prunable_parameters": prunable,
+            "kv_cache_bytes_per_token": 2 * kv_width * model.dtype.itemsize}
 
 
 def layer_table(model, units: Units) -> list[dict]:
@@ -851,13 +848,9 @@ def layer_table(model, units: Units) -> list[dict]:
     rows = []
     for i, layer in enumerate(model.model.layers):
         kv = kv_width_of(layer) // units.head_dim
-        rows.append({
-            "layer": i,
-            "ffn_channels": layer.mlp.gate_proj.out_features,
-            "kv_groups": kv,
-            "query_heads": kv * units.heads_per_group,
-            "parameters": sum(p.numel() for p in layer.parameters()),
-        })
+        rows.append({"layer": i, "ffn_channels": layer.mlp.gate_proj.out_features, "kv_groups": kv,
+                     "query_heads": kv * units.heads_per_group,
+                     "parameters": sum(p.numel() for p in layer.parameters())})
     return rows
 
 
