@@ -119,8 +119,8 @@ def median(values: list[float]) -> float:
 
 
 def recipes(args) -> None:
-    """A gate-training step of the defaults (distillation from cached targets, FFN units of 32
-    channels) against one of the paper's recipe (LM loss, one unit per channel): both loops over
+    """A gate-training step of the defaults (distillation from cached targets) against one of the
+    paper's recipe (LM loss), the same units and budget for both: both loops over
     the same sequences, timed alternately (paper, defaults, paper, ...) so that load on the
     machine reaches both alike, medians taken. The defaults' one-off costs are timed too: the
     teacher's targets (one forward per sequence) and the importance pass (32 forward+backward),
@@ -129,20 +129,17 @@ def recipes(args) -> None:
     device = grasprune.input_device(model)
     data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(0))
     default = dataclasses.replace(Recipe(), epochs=1)
-    setups = {}
-    for name, recipe in (("paper", PAPER_STEP), ("default", default)):
-        units = grasprune.find_units(model, recipe.ffn_multiple)
-        setups[name] = (units, grasprune.budget_for(units, 0.5), recipe)
+    units = grasprune.find_units(model)
+    budget = grasprune.budget_for(units, 0.5)
     start = time.perf_counter()
     targets = grasprune.teacher_targets(model, data, 1, default.top_k)
     teacher = (time.perf_counter() - start) / args.steps
-    units, budget, _ = setups["default"]
     start = time.perf_counter()
     grasprune.importance_scores(model, units, data, budget)
     importance = time.perf_counter() - start
     times = {"paper": [], "default": []}
     for _ in range(args.repeats):
-        for name, (units, budget, recipe) in setups.items():
+        for name, recipe in (("paper", PAPER_STEP), ("default", default)):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
