@@ -6,7 +6,8 @@ windows, prompt and generation speed side by side, file sizes, and matrices left
   python experiments/llamacpp.py speed --bin ~/llama/build/bin llamacpp-work/*.gguf --output llamacpp-speed.json
 
 perplexity: each model is exported with export_gguf.py (into --work), then llama-perplexity runs
-on WikiText-2 test as eval.py joins it, in windows of 2048 tokens: the same windows as eval.py's.
+on WikiText-2 test as eval.py joins it, in windows of 2048 tokens: the same windows as eval.py's
+(the first --windows of them).
 llama.cpp scores the second half of each window (its tokens see at least 1024 of context), so
 transformers' perplexity is given both over those same tokens and over every token (eval.py's
 number). The token ids are checked equal first (llama-tokenize). speed: llama-bench, prompt 512
@@ -34,10 +35,10 @@ WINDOW = 2048
 
 
 @torch.inference_mode()
-def transformers_perplexity(model, ids: torch.Tensor) -> dict:
-    """Perplexity over every predicted token of each window (eval.py's) and over the second half
-    only (llama-perplexity's), from one forward per window."""
-    windows = ids[: ids.numel() // WINDOW * WINDOW].view(-1, WINDOW)
+def transformers_perplexity(model, ids: torch.Tensor, count: int | None) -> dict:
+    """Perplexity over every predicted token of the first `count` windows (all: None; eval.py's
+    number) and over their second halves only (llama-perplexity's), from one forward per window."""
+    windows = ids[: ids.numel() // WINDOW * WINDOW].view(-1, WINDOW)[:count]
     nll = torch.zeros(2, dtype=torch.float64)
     for window in tqdm(windows, desc="transformers perplexity"):
         logits = model(window[None]).logits[0, :-1].float()
@@ -48,9 +49,10 @@ def transformers_perplexity(model, ids: torch.Tensor) -> dict:
             "windows": len(windows)}
 
 
-def llama_perplexity(binary: Path, gguf: Path, text: Path, threads: int) -> float:
+def llama_perplexity(binary: Path, gguf: Path, text: Path, threads: int, count: int | None) -> float:
+    chunks = ["--chunks", str(count)] if count else []
     out = subprocess.run([str(binary / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", str(WINDOW),
-                          "-b", str(WINDOW), "-t", str(threads)], capture_output=True, text=True, check=True)
+                          "-b", str(WINDOW), "-t", str(threads), *chunks], capture_output=True, text=True, check=True)
     line = next(line for line in out.stderr.splitlines() + out.stdout.splitlines() if "Final estimate" in line)
     return float(line.split("PPL = ")[1].split()[0])
 
@@ -78,7 +80,7 @@ def perplexities(args) -> dict:
         model, tokenizer = grasprune.load_model(name, "cpu", "float32")
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         label = Path(name.rstrip("/")).name.removesuffix(".gguf")
-        results[label] = {"transformers": transformers_perplexity(model, ids),
+        results[label] = {"transformers": transformers_perplexity(model, ids, args.windows),
                           "parameters": grasprune.model_summary(model)["parameters"]}
         for outtype in args.outtypes:
             path = args.work / f"{label}-{outtype}.gguf"
@@ -87,7 +89,7 @@ def perplexities(args) -> dict:
                 "file": str(path), "bytes": summary["bytes"],
                 "matrices_not_in_outtype": summary["matrices_not_in_outtype"],
                 "same_tokens": llama_tokens(args.bin, path, text_file) == ids.tolist(),
-                "llama_cpp_perplexity": llama_perplexity(args.bin, path, text_file, args.threads)}
+                "llama_cpp_perplexity": llama_perplexity(args.bin, path, text_file, args.threads, args.windows)}
             print(json.dumps({label: results[label]}), flush=True)
     return results
 
@@ -108,6 +110,7 @@ def main() -> None:
     ppl.add_argument("--models", nargs="+", required=True, help="the dense model first, then pruned checkpoints")
     ppl.add_argument("--outtypes", nargs="+", default=["f16", "q8_0"])
     ppl.add_argument("--data-dir", required=True)
+    ppl.add_argument("--windows", type=int, help="the first N windows of 2048 tokens (default: all 148)")
     ppl.add_argument("--work", type=Path, default=Path("llamacpp-work"), help="where the GGUF files go")
     speed = sub.add_parser("speed", help="llama-bench, files alternating")
     speed.add_argument("files", nargs="+", type=Path)
