@@ -10,7 +10,8 @@ on WikiText-2 test as eval.py joins it, in windows of 2048 tokens: the same wind
 (the first --windows of them).
 llama.cpp scores the second half of each window (its tokens see at least 1024 of context), so
 transformers' perplexity is given both over those same tokens and over every token (eval.py's
-number). The token ids are checked equal first (llama-tokenize). speed: llama-bench, prompt 512
+number). Both tokenizations are compared (llama-tokenize): where they first differ, the windows
+from there on are not the same tokens in both engines. speed: llama-bench, prompt 512
 and 128 generated tokens, each file once per round, the files alternating within every round so
 that load on the machine reaches all alike; medians.
 """
@@ -70,6 +71,14 @@ def llama_bench(binary: Path, gguf: Path, threads: int) -> dict:
     return {("prompt" if r["n_prompt"] else "generation"): r["avg_ts"] for r in rows}
 
 
+def token_agreement(ours: list[int], theirs: list[int]) -> dict:
+    """How many tokens each engine made of the text, and where their ids first differ (None: nowhere)."""
+    first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if first is None and len(ours) != len(theirs):
+        first = min(len(ours), len(theirs))
+    return {"transformers": len(ours), "llama_cpp": len(theirs), "first_difference": first}
+
+
 def perplexities(args) -> dict:
     args.work.mkdir(exist_ok=True)
     text = grasprune.load_text("wikitext2", "test", args.data_dir)
@@ -88,7 +97,7 @@ def perplexities(args) -> dict:
             results[label][outtype] = {
                 "file": str(path), "bytes": summary["bytes"],
                 "matrices_not_in_outtype": summary["matrices_not_in_outtype"],
-                "same_tokens": llama_tokens(args.bin, path, text_file) == ids.tolist(),
+                "tokens": token_agreement(ids.tolist(), llama_tokens(args.bin, path, text_file)),
                 "llama_cpp_perplexity": llama_perplexity(args.bin, path, text_file, args.threads, args.windows)}
             print(json.dumps({label: results[label]}), flush=True)
     return results
