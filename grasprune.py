@@ -523,6 +523,13 @@ def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Ten
     return distillation_loss(model(input_ids=batch, use_cache=False).logits, targets)
 
 
+def with_targets(data: torch.Tensor, targets: Targets | None, batch_size: int) -> list:
+    """The calibration batches of gate training and scaling, each with its slice of the
+    teacher's targets (None for the LM loss)."""
+    batches = data.split(batch_size)
+    return list(zip(batches, targets.split(batch_size) if targets else [None] * len(batches)))
+
+
 def stop_if_not_finite(loss: float, stage: str, step: int) -> None:
     """A NaN or infinite loss means the run is broken: stop before anything is saved."""
     if not math.isfinite(loss):
@@ -589,8 +596,7 @@ def train_gates(
     costs = units.costs(device)
     scores = (torch.zeros(units.count, device=device) if scores is None else scores.clone()).requires_grad_()
     optimizer = torch.optim.AdamW([scores], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    batches = list(zip(data.split(recipe.batch_size), targets.split(recipe.batch_size) if targets else
-                       [None] * math.ceil(len(data) / recipe.batch_size)))
+    batches = with_targets(data, targets, recipe.batch_size)
     history, previous = [], None
     with gated(model, units) as gates, tqdm(total=recipe.epochs * len(batches), desc="gate training") as bar:
         for _ in range(recipe.epochs):
@@ -630,16 +636,16 @@ def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor
     mask = mask.float()
     t = torch.zeros(units.count, device=mask.device, requires_grad=True)
     optimizer = torch.optim.AdamW([t], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    batches = data.split(recipe.batch_size)
-    target_batches = targets.split(recipe.batch_size) if targets else [None] * len(batches)
+    batches = with_targets(data, targets, recipe.batch_size)
     with gated(model, units) as gates, tqdm(total=len(batches), desc="scaling calibration") as bar:
-        for step, (batch, target) in enumerate(zip(batches, target_batches), 1):
+        for step, (batch, target) in enumerate(batches, 1):
             loss = calibration_loss(model, gates, scale_values(mask, t), batch, target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stop_if_not_finite(loss.item(), "scaling calibration", step)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            loss_value = loss.item()  # one device-to-host copy per step
+            stop_if_not_finite(loss_value, "scaling calibration", step)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
             bar.update()
     return scale_values(mask, t).detach()
 
@@ -886,6 +892,11 @@ def signals_held():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
+def gguf_beside(output: Path, outtype: str) -> Path:
+    """Where --gguf puts the GGUF file: beside the checkpoint folder, `<output>-<type>.gguf`."""
+    return output.with_name(f"{output.name}-{outtype}.gguf")
+
+
 def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool = False,
                     gguf: str | None = None, gguf_tokenizer: str | None = None) -> dict | None:
     """Write the sliced model (with modeling_grasprune.py, by save_pretrained), tokenizer and
@@ -912,7 +923,7 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
                 shutil.rmtree(output)
             tmp.rename(output)
             if gguf:
-                exported["path"] = str(output.with_name(f"{output.name}-{gguf}.gguf"))
+                exported["path"] = str(gguf_beside(output, gguf))
                 (output / "model.gguf").replace(exported["path"])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1027,7 +1038,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.output is None:  # only a .gguf suffix goes: Llama-3.2-1B is not Llama-3
         args.output = f"{Path(args.model.rstrip('/')).name.removesuffix('.gguf')}-grasprune-s{args.sparsity}"
-    gguf_file = Path(f"{args.output.rstrip('/')}-{args.gguf}.gguf")
+    gguf_file = gguf_beside(Path(args.output), args.gguf)
     for path in (Path(args.output), *((gguf_file,) if args.gguf else ())):
         if path.exists() and not args.overwrite:
             raise UsageError(f"{path} exists; pass --overwrite to replace it")
