@@ -3,7 +3,10 @@ output must equal, not by its timings."""
 
 import json
 
-from conftest import VOCAB, cli
+import pytest
+
+import eval as evaluation
+from conftest import DATA, VOCAB, cli
 from grasprune import Recipe
 
 
@@ -23,3 +26,25 @@ def test_report_refuses_an_argument_that_is_not_label_equals_file(tmp_path):
     proc = cli("experiments/report.py", f"dense={tmp_path / 'missing.json'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("report.py: error: argument LABEL=FILE")
+
+
+@pytest.mark.skipif(not (DATA / "piqa").is_dir(), reason=f"no evaluation data at {DATA}")
+def test_report_joins_an_evaluation_run_in_parts_into_the_same_row_as_one_run(tiny_folder):
+    """eval.py once over two tasks and WikiText-2, and again as three parts: report.py's row from
+    the parts equals the row from the single run in every cell but the label and the minutes."""
+    common = ["--model", str(tiny_folder / "tiny"), "--data-dir", str(DATA), "--limit", "3", "--seq-len", "64"]
+    runs = {"whole": ["--tasks", "piqa", "arc_easy", "--ppl", "wikitext2"], "ppl": ["--tasks", "--ppl", "wikitext2"],
+            "piqa": ["--tasks", "piqa", "--ppl"], "arc": ["--tasks", "arc_easy", "--ppl"]}
+    for name, argv in runs.items():
+        assert evaluation.main([*common, *argv, "--output", str(tiny_folder / f"{name}.json")]) == 0
+    parts = ",".join(str(tiny_folder / f"{name}.json") for name in ("ppl", "piqa", "arc"))
+    proc = cli("experiments/report.py", f"whole={tiny_folder / 'whole.json'}", f"parts={parts}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    whole, joined = ([c.strip() for c in line.split("|")] for line in proc.stdout.splitlines()[2:4])
+    assert whole[2:-2] == joined[2:-2]  # all but the label and the minutes
+    assert "-" not in (whole[4], whole[5], whole[8])  # perplexity, PIQA and ARC-e were scored ...
+    assert whole[-3] == "-"  # ... but not all five tasks, so there is no mean
+
+    proc = cli("experiments/report.py", f"twice={tiny_folder / 'piqa.json'},{tiny_folder / 'whole.json'}")
+    assert proc.returncode == 2
+    assert "two parts both have ['piqa']" in proc.stderr
