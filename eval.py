@@ -17,6 +17,7 @@ From Python: `evaluate()` runs it all and `markdown_table()` sets results side b
 `perplexity()` is grasprune.perplexity (grasprune.py's `--eval` measures the same way).
 """
 
+import argparse
 import json
 import math
 import platform
@@ -235,6 +236,22 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def join_shards(shards: list[dict]) -> dict:
+    """One task's result from its scores on disjoint slices of its items (eval.py --shard): each
+    metric is the mean over all items and its stderr is mean_and_stderr's over all items, exact
+    because every item scores 0 or 1 (the sample variance of 0/1 values is n p (1 - p) / (n - 1))."""
+    shards = sorted(shards, key=lambda r: r["items"][0])
+    if [r["items"][1] for r in shards[:-1]] != [r["items"][0] for r in shards[1:]] or shards[0]["items"][0]:
+        raise ValueError(f"the slices {[r['items'] for r in shards]} do not tile the items from the first on")
+    n = sum(r["n"] for r in shards)
+    result = {"metric": shards[0]["metric"], "n": n, "items": [0, shards[-1]["items"][1]],
+              "seconds": round(sum(r["seconds"] for r in shards), 1)}
+    for metric in [key for key in shards[0] if f"{key}_stderr" in shards[0]]:
+        p = sum(r[metric] * r["n"] for r in shards) / n
+        result[metric], result[f"{metric}_stderr"] = p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
+    return result
+
+
 def score_items(model, tokenizer, items: list[Item], metrics: tuple[str, ...], batch_size: int,
                 desc: str | None = None) -> dict:
     """The harness's multiple-choice metrics over `items`: each metric, its stderr, and n."""
@@ -256,24 +273,28 @@ def score_items(model, tokenizer, items: list[Item], metrics: tuple[str, ...], b
 
 
 def zero_shot(model, tokenizer, tasks: tuple[str, ...], data_dir: str | None, limit: int | None,
-              batch_size: int) -> dict:
-    """Results per task (the first `limit` rows of each when given).
+              batch_size: int, shard: tuple[int, int] = (1, 1)) -> dict:
+    """Results per task (the first `limit` rows of each when given; with `shard` (i, n), only the
+    i-th of n contiguous slices of them, its bounds under "items", for join_shards).
 
-    A task whose data cannot be reached prints one line saying how to fix it and gets
-    {"error": line}; the other tasks still run.
+    A task whose data cannot be reached (or whose shard is empty) prints one line saying so and
+    gets {"error": line}; the other tasks still run.
     """
     results = {}
     for task in tasks:
         try:
-            docs = load_docs(task, data_dir)
+            docs = load_docs(task, data_dir)[:limit]
+            first, end = (len(docs) * (shard[0] - 1) // shard[1], len(docs) * shard[0] // shard[1])
+            if first == end:
+                raise grasprune.UsageError(f"{task}: shard {shard[0]}/{shard[1]} of its {len(docs)} items is empty")
         except grasprune.UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             results[task] = {"error": str(e)}
             continue
         start = time.time()
-        items = [TASKS[task].item(doc) for doc in docs[:limit]]
+        items = [TASKS[task].item(doc) for doc in docs[first:end]]
         results[task] = score_items(model, tokenizer, items, TASKS[task].metrics, batch_size, desc=task)
-        results[task]["seconds"] = round(time.time() - start, 1)
+        results[task] |= {"items": [first, end], "seconds": round(time.time() - start, 1)}
     return results
 
 
@@ -298,11 +319,12 @@ PPL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
 
 def evaluate(model, tokenizer, tasks: tuple[str, ...] = tuple(TASKS), ppl: tuple[str, ...] = ("wikitext2",),
              data_dir: str | None = None, seq_len: int = 2048, limit: int | None = None,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, shard: tuple[int, int] = (1, 1)) -> dict:
     """Perplexity on each of `ppl` and accuracy on each of `tasks`, with the model's sizes and timings.
 
     `ppl` names sources of grasprune.load_text (wikitext2, ptb, c4, or a text file);
-    `limit` keeps the first `limit` items of every task and windows of every text.
+    `limit` keeps the first `limit` items of every task and windows of every text; `shard`
+    (i, n) scores the i-th of n slices of every task's items (zero_shot).
     Data that cannot be reached is reported under "errors" and the rest still runs.
     """
     start = time.time()
@@ -320,7 +342,7 @@ def evaluate(model, tokenizer, tasks: tuple[str, ...] = tuple(TASKS), ppl: tuple
         result["perplexity"][source] = {
             "ppl": perplexity(model, tokenizer, text, seq_len, limit_windows=windows),
             "seq_len": min(seq_len, model.config.max_position_embeddings), "seconds": round(time.time() - t, 1)}
-    scores = zero_shot(model, tokenizer, tasks, data_dir, limit, batch_size)
+    scores = zero_shot(model, tokenizer, tasks, data_dir, limit, batch_size, shard)
     result["tasks"] = {task: r for task, r in scores.items() if "error" not in r}
     result["errors"].update({task: r["error"] for task, r in scores.items() if "error" in r})
     result["mean"] = mean_of_tasks(result["tasks"])
@@ -344,6 +366,14 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def shard_of(text: str) -> tuple[int, int]:
+    """--shard I/N as (I, N), 1 <= I <= N."""
+    i, sep, n = text.partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 1 <= I <= N, got {text!r}")
+    return int(i), int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = grasprune.ArgumentParser(prog="eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
@@ -360,12 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="local copies laid out like shared/data; no network")
     parser.add_argument("--limit", type=int, help="first N items per task and windows per text, for quick runs")
     parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
+    parser.add_argument("--shard", type=shard_of, default=(1, 1), metavar="I/N",
+                        help="score only the I-th of N slices of every task's items (a long run in parts; "
+                             "experiments/report.py joins them); perplexity is not split: pass --ppl alone")
     parser.add_argument("--output", help="write the results JSON here")
     try:
         args = parser.parse_args(argv)
         for name in ("seq_len", "batch_size") + (("limit",) if args.limit is not None else ()):
             if getattr(args, name) < 1:
                 raise grasprune.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if args.shard != (1, 1) and args.ppl:
+            raise grasprune.UsageError("--shard splits the zero-shot tasks only: run the perplexity on its own, "
+                                       "and pass --ppl with no source here")
         if args.output and not Path(args.output).parent.is_dir():
             raise grasprune.UsageError(f"--output {args.output}: no folder {Path(args.output).parent}")
         model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
@@ -373,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval: error: {e}", file=sys.stderr)
         return 2
     result = evaluate(model, tokenizer, args.tasks, args.ppl, args.data_dir, args.seq_len, args.limit,
-                      args.batch_size)
+                      args.batch_size, args.shard)
     result = {"model": args.model, **result,
               "settings": {**vars(args), "device": str(grasprune.input_device(model)),
                            "dtype": str(next(model.parameters()).dtype)},

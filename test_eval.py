@@ -343,6 +343,37 @@ def test_cli_writes_results_json_and_table(bpe_tokenizer, tmp_path, monkeypatch,
     assert f"| {want_ppl:.2f} |" in table and f"| {100 * result['mean']['value']:.2f} |" in table
 
 
+@needs_data
+def test_shards_joined_equal_the_whole_run(bpe_tokenizer):
+    """--shard: three slices of the first 14 items, joined, give every metric and standard error
+    of one run over all 14; a shard with no items is an error of its task alone."""
+    model = tiny_llama(len(bpe_tokenizer))
+    tasks = ("piqa", "arc_easy")
+    whole = ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=14, batch_size=4)
+    shards = [ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=14, batch_size=4, shard=(i, 3))
+              for i in (1, 2, 3)]
+    assert [s["piqa"]["items"] for s in shards] == [[0, 4], [4, 9], [9, 14]]
+    for task in tasks:
+        joined = ev.join_shards([s[task] for s in reversed(shards)])  # in any order
+        assert 0 < whole[task]["acc"] < 1  # so that the standard errors are not trivially 0
+        assert_metrics_equal(joined, whole[task], ev.TASKS[task].metrics)
+        assert joined["items"] == whole[task]["items"] == [0, 14]
+    with pytest.raises(ValueError, match="do not tile"):
+        ev.join_shards([shards[0]["piqa"], shards[2]["piqa"]])
+    empty = ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=2, batch_size=4, shard=(1, 3))
+    assert "is empty" in empty["piqa"]["error"] and "is empty" in empty["arc_easy"]["error"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shard", "3/2"], "argument --shard: expected I/N with 1 <= I <= N, got '3/2'"),
+    (["--shard", "1/2"], "--shard splits the zero-shot tasks only"),  # the default --ppl wikitext2
+])
+def test_cli_refuses_a_bad_shard(argv, message, tmp_path, capsys):
+    assert ev.main(["--model", str(tmp_path / "none"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval: error: ") and message in err[0]
+
+
 @needs_smollm2
 @needs_data
 def test_smollm2_end_to_end_on_real_data(smollm2):

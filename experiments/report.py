@@ -4,9 +4,9 @@ model's size and the run's wall time.
 
   python experiments/report.py dense=full-dense.json "defaults s0.4653=full-default-s0.4653.json"
 
-A model evaluated in parts (one eval.py run per task, so that a long evaluation can stop and go on)
-is one LABEL=PART,PART,...: the parts' perplexities and tasks are joined, the mean is computed
-again over all tasks and the minutes are summed.
+A model evaluated in parts (one eval.py run per task, or per --shard of a task, so that a long
+evaluation can stop and go on) is one LABEL=PART,PART,...: the parts' perplexities and tasks are
+joined, the mean is computed again over all tasks and the minutes are summed.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # eval.py
 
-from eval import mean_of_tasks
+from eval import join_shards, mean_of_tasks
 
 TASKS = {"piqa": "PIQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag", "arc_easy": "ARC-e",
          "arc_challenge": "ARC-c"}
@@ -56,17 +56,20 @@ def tables(results: dict[str, dict]) -> str:
 
 
 def joined(parts: list[dict]) -> dict:
-    """One evaluation of one model from eval.py runs over disjoint parts of the tasks and texts."""
+    """One evaluation of one model from eval.py runs over parts of it: different tasks and texts,
+    or slices of one task's items (eval.py --shard, joined by eval.join_shards)."""
     first = parts[0]
     result = {"summary": first["summary"], "perplexity": {}, "tasks": {}, "seconds": 0.0}
     for part in parts:
         if part["summary"] != first["summary"]:
             raise ValueError("the parts are of different models (their summaries differ)")
-        for key in ("perplexity", "tasks"):
-            if result[key].keys() & part[key].keys():
-                raise ValueError(f"two parts both have {sorted(result[key].keys() & part[key].keys())}")
-            result[key].update(part[key])
+        if result["perplexity"].keys() & part["perplexity"].keys():
+            raise ValueError(f"two parts both have {sorted(result['perplexity'].keys() & part['perplexity'].keys())}")
+        result["perplexity"].update(part["perplexity"])
         result["seconds"] += part["seconds"]
+    for task in dict.fromkeys(task for part in parts for task in part["tasks"]):
+        shards = [part["tasks"][task] for part in parts if task in part["tasks"]]
+        result["tasks"][task] = shards[0] if len(shards) == 1 else join_shards(shards)
     result["mean"] = mean_of_tasks(result["tasks"])
     return result
 
