@@ -243,9 +243,13 @@ def join_shards(shards: list[dict]) -> dict:
     shards = sorted(shards, key=lambda r: r["items"][0])
     if [r["items"][1] for r in shards[:-1]] != [r["items"][0] for r in shards[1:]] or shards[0]["items"][0]:
         raise ValueError(f"the slices {[r['items'] for r in shards]} do not tile the items from the first on")
+    if len({r.get("of") for r in shards}) > 1:
+        raise ValueError(f"the slices are of different item lists (of {[r.get('of') for r in shards]} items)")
     n = sum(r["n"] for r in shards)
     result = {"metric": shards[0]["metric"], "n": n, "items": [0, shards[-1]["items"][1]],
               "seconds": round(sum(r["seconds"] for r in shards), 1)}
+    if "of" in shards[0]:  # results written before eval.py recorded it lack it
+        result["of"] = shards[0]["of"]
     for metric in [key for key in shards[0] if f"{key}_stderr" in shards[0]]:
         p = sum(r[metric] * r["n"] for r in shards) / n
         result[metric], result[f"{metric}_stderr"] = p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
@@ -275,7 +279,8 @@ def score_items(model, tokenizer, items: list[Item], metrics: tuple[str, ...], b
 def zero_shot(model, tokenizer, tasks: tuple[str, ...], data_dir: str | None, limit: int | None,
               batch_size: int, shard: tuple[int, int] = (1, 1)) -> dict:
     """Results per task (the first `limit` rows of each when given; with `shard` (i, n), only the
-    i-th of n contiguous slices of them, its bounds under "items", for join_shards).
+    i-th of n contiguous slices of them, its bounds under "items" and the number of rows it is
+    a slice of under "of", so that a join can tell whether all slices are in).
 
     A task whose data cannot be reached (or whose shard is empty) prints one line saying so and
     gets {"error": line}; the other tasks still run.
@@ -294,7 +299,7 @@ def zero_shot(model, tokenizer, tasks: tuple[str, ...], data_dir: str | None, li
         start = time.time()
         items = [TASKS[task].item(doc) for doc in docs[first:end]]
         results[task] = score_items(model, tokenizer, items, TASKS[task].metrics, batch_size, desc=task)
-        results[task] |= {"items": [first, end], "seconds": round(time.time() - start, 1)}
+        results[task] |= {"items": [first, end], "of": len(docs), "seconds": round(time.time() - start, 1)}
     return results
 
 

@@ -353,6 +353,7 @@ def test_shards_joined_equal_the_whole_run(bpe_tokenizer):
     shards = [ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=14, batch_size=4, shard=(i, 3))
               for i in (1, 2, 3)]
     assert [s["piqa"]["items"] for s in shards] == [[0, 4], [4, 9], [9, 14]]
+    assert {s[task]["of"] for s in shards for task in tasks} == {14}
     for task in tasks:
         joined = ev.join_shards([s[task] for s in reversed(shards)])  # in any order
         assert 0 < whole[task]["acc"] < 1  # so that the standard errors are not trivially 0
@@ -360,6 +361,8 @@ def test_shards_joined_equal_the_whole_run(bpe_tokenizer):
         assert joined["items"] == whole[task]["items"] == [0, 14]
     with pytest.raises(ValueError, match="do not tile"):
         ev.join_shards([shards[0]["piqa"], shards[2]["piqa"]])
+    with pytest.raises(ValueError, match="different item lists"):
+        ev.join_shards([shards[0]["piqa"], shards[1]["piqa"] | {"of": 15}, shards[2]["piqa"]])
     empty = ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=2, batch_size=4, shard=(1, 3))
     assert "is empty" in empty["piqa"]["error"] and "is empty" in empty["arc_easy"]["error"]
 

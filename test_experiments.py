@@ -50,3 +50,6 @@ def test_report_joins_an_evaluation_run_in_parts_into_the_same_row_as_one_run(ti
     proc = cli("experiments/report.py", f"twice={tiny_folder / 'piqa.json'},{tiny_folder / 'whole.json'}")
     assert proc.returncode == 2
     assert "do not tile the items" in proc.stderr
+    proc = cli("experiments/report.py", f"half={tiny_folder / 'ppl.json'},{tiny_folder / 'arc1.json'}")
+    assert proc.returncode == 2
+    assert "arc_easy: the parts score 2 of its 5 items (a --shard slice is missing)" in proc.stderr

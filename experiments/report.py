@@ -57,7 +57,7 @@ def tables(results: dict[str, dict]) -> str:
 
 def joined(parts: list[dict]) -> dict:
     """One evaluation of one model from eval.py runs over parts of it: different tasks and texts,
-    or slices of one task's items (eval.py --shard, joined by eval.join_shards)."""
+    or slices of one task's items (eval.py --shard, joined by eval.join_shards), all of them."""
     first = parts[0]
     result = {"summary": first["summary"], "perplexity": {}, "tasks": {}, "seconds": 0.0}
     for part in parts:
@@ -69,7 +69,10 @@ def joined(parts: list[dict]) -> dict:
         result["seconds"] += part["seconds"]
     for task in dict.fromkeys(task for part in parts for task in part["tasks"]):
         shards = [part["tasks"][task] for part in parts if task in part["tasks"]]
-        result["tasks"][task] = shards[0] if len(shards) == 1 else join_shards(shards)
+        task_result = result["tasks"][task] = shards[0] if len(shards) == 1 else join_shards(shards)
+        if task_result["n"] != task_result.get("of", task_result["n"]):
+            raise ValueError(f"{task}: the parts score {task_result['n']:,} of its {task_result['of']:,} items "
+                             "(a --shard slice is missing)")
     result["mean"] = mean_of_tasks(result["tasks"])
     return result
 
