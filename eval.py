@@ -243,13 +243,12 @@ def join_shards(shards: list[dict]) -> dict:
     shards = sorted(shards, key=lambda r: r["items"][0])
     if [r["items"][1] for r in shards[:-1]] != [r["items"][0] for r in shards[1:]] or shards[0]["items"][0]:
         raise ValueError(f"the slices {[r['items'] for r in shards]} do not tile the items from the first on")
-    if len({r.get("of") for r in shards}) > 1:
-        raise ValueError(f"the slices are of different item lists (of {[r.get('of') for r in shards]} items)")
+    totals = {r["of"] for r in shards if "of" in r}  # results written before eval.py recorded it lack it
+    if len(totals) > 1:
+        raise ValueError(f"the slices are of different item lists (of {sorted(totals)} items)")
     n = sum(r["n"] for r in shards)
     result = {"metric": shards[0]["metric"], "n": n, "items": [0, shards[-1]["items"][1]],
-              "seconds": round(sum(r["seconds"] for r in shards), 1)}
-    if "of" in shards[0]:  # results written before eval.py recorded it lack it
-        result["of"] = shards[0]["of"]
+              "seconds": round(sum(r["seconds"] for r in shards), 1)} | ({"of": totals.pop()} if totals else {})
     for metric in [key for key in shards[0] if f"{key}_stderr" in shards[0]]:
         p = sum(r[metric] * r["n"] for r in shards) / n
         result[metric], result[f"{metric}_stderr"] = p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None

@@ -361,6 +361,8 @@ def test_shards_joined_equal_the_whole_run(bpe_tokenizer):
         assert joined["items"] == whole[task]["items"] == [0, 14]
     with pytest.raises(ValueError, match="do not tile"):
         ev.join_shards([shards[0]["piqa"], shards[2]["piqa"]])
+    older = {key: value for key, value in shards[0]["piqa"].items() if key != "of"}  # written before "of" was
+    assert ev.join_shards([older, shards[1]["piqa"], shards[2]["piqa"]])["of"] == 14
     with pytest.raises(ValueError, match="different item lists"):
         ev.join_shards([shards[0]["piqa"], shards[1]["piqa"] | {"of": 15}, shards[2]["piqa"]])
     empty = ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=2, batch_size=4, shard=(1, 3))
