@@ -13,16 +13,20 @@
 
     python eval.py --model HuggingFaceTB/SmolLM2-135M --data-dir ../shared/data --output r.json
 
-From Python: `evaluate()` runs it all and `markdown_table()` sets results side by side;
-`perplexity()` is grasprune.perplexity (grasprune.py's `--eval` measures the same way).
+From Python: `load_data()` reads the texts and task files, `evaluate()` scores them and
+`markdown_table()` sets results side by side. grasprune.py reads its calibration corpora with
+`load_text()` and measures `--eval` with `quality()` (the perplexity below and a greedy probe).
 """
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import platform
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +40,103 @@ import transformers
 from tqdm import tqdm
 
 import grasprune
-from grasprune import perplexity
+from grasprune import UsageError, reading
+
+# -----------------------------------------------------------------------------
+# corpora and perplexity
+
+# Each corpus: hub dataset, local file under --data-dir, text field, and the separator that the
+# SparseGPT/Wanda perplexity protocol joins rows with.
+CORPORA = {
+    "wikitext2": (("Salesforce/wikitext", "wikitext-2-raw-v1"), "wikitext-2-raw-v1/{split}.parquet", "text", "\n\n"),
+    "ptb": (("ptb-text-only/ptb_text_only", "penn_treebank"), "ptb/{split}.jsonl", "sentence", " "),
+    "c4": (("allenai/c4", "en"), "c4/{split}.jsonl", "text", " "),
+}
+C4_DOCUMENTS = 5000  # C4 splits are huge: the first documents already hold millions of tokens.
+
+
+def read_rows(path: Path, field: str) -> list[str]:
+    """Rows of one text field from a local .parquet or .jsonl file."""
+    with reading(str(path)):
+        if path.stat().st_size == 0:
+            raise UsageError(f"{path} is empty")
+        rows = datasets.load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path),
+                                     split="train")
+    if field not in rows.column_names:
+        raise UsageError(f"{path} has no {field!r} field (its fields: {', '.join(rows.column_names)})")
+    return rows[field]
+
+
+def load_text(source: str, split: str, data_dir: str | None = None) -> str:
+    """Text of a corpus split (wikitext2, ptb, c4) from the hub or --data-dir, or of a local
+    .txt/.jsonl/.parquet file; corpus rows joined as the SparseGPT/Wanda protocol does."""
+    if source not in CORPORA:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"text source {source!r} is neither {', '.join(CORPORA)} nor a file")
+        if path.suffix in (".jsonl", ".json", ".parquet"):
+            return "\n\n".join(read_rows(path, "text"))
+        with reading(str(path)):  # not UTF-8, unreadable
+            return path.read_text(encoding="utf-8")
+    (hub_id, hub_config), local, field, sep = CORPORA[source]
+    if data_dir is not None:
+        path = Path(data_dir) / local.format(split=split)
+        if not path.is_file():
+            raise UsageError(f"{source} {split} is not in --data-dir: no file {path}")
+        return sep.join(read_rows(path, field))
+    try:
+        rows = datasets.load_dataset(hub_id, hub_config, split=split, streaming=source == "c4")
+        rows = [row[field] for _, row in zip(range(C4_DOCUMENTS), rows)] if source == "c4" else rows[field]
+    except (OSError, ValueError) as err:  # ConnectionError offline, DatasetNotFoundError, bad config
+        raise UsageError(f"cannot load {source} ({split}) from the Hugging Face hub ({type(err).__name__}); "
+                         "pass --data-dir DIR with local copies laid out like shared/data, or a local text file")
+    return sep.join(rows)
+
+
+def token_windows(tokenizer, text: str, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    """(n, seq_len): the text tokenized once with the tokenizer's default special tokens (a LLaMA
+    tokenizer puts one BOS at the very start), cut into non-overlapping windows, the first `limit`."""
+    if seq_len < 2:
+        raise UsageError(f"perplexity windows of {seq_len} tokens predict nothing; use at least 2")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = min(ids.numel() // seq_len, limit or ids.numel())
+    if n == 0:
+        raise UsageError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len} (lower --seq-len)")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str | None, seq_len: int = 2048, batch_size: int = 1,
+               limit_windows: int | None = None, windows: torch.Tensor | None = None) -> float:
+    """exp of the mean next-token NLL over the non-overlapping `seq_len`-token windows of `text`
+    (the SparseGPT/Wanda protocol), `seq_len` capped at the model's context length; `limit_windows`
+    keeps only the first windows. `windows`, if given, are token_windows' already."""
+    if windows is None:
+        windows = token_windows(tokenizer, text, min(seq_len, model.config.max_position_embeddings), limit_windows)
+    nll = 0.0
+    for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({windows.shape[1]}-token windows)"):
+        batch = batch.to(grasprune.input_device(model))
+        logits = model(batch).logits[:, :-1].float()
+        targets = batch[:, 1:].to(logits.device)  # under --device-map the LM head may sit elsewhere
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+    # every window predicts seq_len - 1 tokens, so this is also the mean of per-window means
+    return math.exp(nll / windows[:, 1:].numel())
+
+
+EVAL_PROMPT = "The capital of France is"
+
+
+def quality(model, tokenizer, text: str, windows: int | None) -> dict:
+    """grasprune.py --eval: WikiText-2 test perplexity (2048-token windows), and one prompt's greedy
+    continuation with its decode speed (batch 1), to see what pruning did."""
+    ppl = perplexity(model, tokenizer, text, seq_len=2048, limit_windows=windows)
+    prompt = tokenizer(EVAL_PROMPT, return_tensors="pt").input_ids.to(grasprune.input_device(model))
+    start = time.perf_counter()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
+                         min_new_tokens=32, pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    return {"perplexity": ppl, "decode_tokens_per_s": 32 / seconds, "prompt": EVAL_PROMPT,
+            "continuation": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)}
 
 # -----------------------------------------------------------------------------
 # zero-shot tasks: what lm-evaluation-harness 0.4 scores for each dataset row
@@ -109,22 +209,36 @@ TASKS = {
 def load_docs(task: str, data_dir: str | None) -> list[dict]:
     """The task's evaluation rows: from `data_dir` if given, else from the Hub through `datasets`.
 
-    Raises grasprune.UsageError with a one-line fix when the data cannot be reached.
+    Raises UsageError with a one-line fix when the data cannot be reached or read.
     """
     spec = TASKS[task]
     if data_dir is not None:
         path = Path(data_dir) / spec.local
         if not path.is_file():
-            raise grasprune.UsageError(f"{task}: {path} not found; --data-dir must be laid out like shared/data "
-                                       f"(it needs {spec.local})")
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            raise UsageError(f"{task}: {path} not found; --data-dir must be laid out like shared/data "
+                             f"(it needs {spec.local})")
+        with reading(str(path)), open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        docs = []
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                with reading(f"{path} line {number}"):  # not JSON, or a row without the task's fields
+                    docs.append(json.loads(line))
+                    spec.item(docs[-1])
+        return docs
     name, config, split = spec.hub
     try:
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:  # offline, gated, moved: the fix is the same
-        raise grasprune.UsageError(f"{task}: cannot load {name} from the Hugging Face Hub ({type(e).__name__}); "
-                                   f"pass --data-dir DIR with local copies laid out like shared/data") from e
+        raise UsageError(f"{task}: cannot load {name} from the Hugging Face Hub ({type(e).__name__}); "
+                         f"pass --data-dir DIR with local copies laid out like shared/data") from e
+
+
+def load_data(tasks: tuple[str, ...], ppl: tuple[str, ...], data_dir: str | None) -> dict:
+    """Every text (`ppl`: sources of load_text) and task file an evaluation reads, read before any
+    model is loaded or scored: a missing or malformed one is refused at once, with its name."""
+    return {"texts": {source: load_text(source, PPL_SPLITS.get(source, "test"), data_dir) for source in ppl},
+            "docs": {task: load_docs(task, data_dir) for task in tasks}}
 
 
 # -----------------------------------------------------------------------------
@@ -275,30 +389,26 @@ def score_items(model, tokenizer, items: list[Item], metrics: tuple[str, ...], b
     return result
 
 
-def zero_shot(model, tokenizer, tasks: tuple[str, ...], data_dir: str | None, limit: int | None,
-              batch_size: int, shard: tuple[int, int] = (1, 1)) -> dict:
-    """Results per task (the first `limit` rows of each when given; with `shard` (i, n), only the
-    i-th of n contiguous slices of them, its bounds under "items" and the number of rows it is
-    a slice of under "of", so that a join can tell whether all slices are in).
-
-    A task whose data cannot be reached (or whose shard is empty) prints one line saying so and
-    gets {"error": line}; the other tasks still run.
+def zero_shot(model, tokenizer, docs: dict[str, list[dict]], limit: int | None, batch_size: int,
+              shard: tuple[int, int] = (1, 1)) -> dict:
+    """Results per task of `docs` (load_data's): the first `limit` rows of each when given; with
+    `shard` (i, n), only the i-th of n contiguous slices of them, its bounds under "items" and the
+    number of rows it is a slice of under "of", so that a join can tell whether all slices are in.
+    A task whose shard is empty prints one line saying so and gets {"error": line}; the others run.
     """
     results = {}
-    for task in tasks:
-        try:
-            docs = load_docs(task, data_dir)[:limit]
-            first, end = (len(docs) * (shard[0] - 1) // shard[1], len(docs) * shard[0] // shard[1])
-            if first == end:
-                raise grasprune.UsageError(f"{task}: shard {shard[0]}/{shard[1]} of its {len(docs)} items is empty")
-        except grasprune.UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            results[task] = {"error": str(e)}
+    for task, rows in docs.items():
+        rows = rows[:limit]
+        first, end = (len(rows) * (shard[0] - 1) // shard[1], len(rows) * shard[0] // shard[1])
+        if first == end:
+            message = f"{task}: shard {shard[0]}/{shard[1]} of its {len(rows)} items is empty"
+            print(f"error: {message}", file=sys.stderr)
+            results[task] = {"error": message}
             continue
         start = time.time()
-        items = [TASKS[task].item(doc) for doc in docs[first:end]]
+        items = [TASKS[task].item(doc) for doc in rows[first:end]]
         results[task] = score_items(model, tokenizer, items, TASKS[task].metrics, batch_size, desc=task)
-        results[task] |= {"items": [first, end], "of": len(docs), "seconds": round(time.time() - start, 1)}
+        results[task] |= {"items": [first, end], "of": len(rows), "seconds": round(time.time() - start, 1)}
     return results
 
 
@@ -321,34 +431,28 @@ def mean_of_tasks(results: dict) -> dict | None:
 PPL_SPLITS = {"wikitext2": "test", "ptb": "test", "c4": "validation"}
 
 
-def evaluate(model, tokenizer, tasks: tuple[str, ...] = tuple(TASKS), ppl: tuple[str, ...] = ("wikitext2",),
-             data_dir: str | None = None, seq_len: int = 2048, limit: int | None = None,
-             batch_size: int = 16, shard: tuple[int, int] = (1, 1)) -> dict:
-    """Perplexity on each of `ppl` and accuracy on each of `tasks`, with the model's sizes and timings.
-
-    `ppl` names sources of grasprune.load_text (wikitext2, ptb, c4, or a text file);
-    `limit` keeps the first `limit` items of every task and windows of every text; `shard`
-    (i, n) scores the i-th of n slices of every task's items (zero_shot).
-    Data that cannot be reached is reported under "errors" and the rest still runs.
+def evaluate(model, tokenizer, data: dict, seq_len: int = 2048, limit: int | None = None, batch_size: int = 16,
+             shard: tuple[int, int] = (1, 1)) -> dict:
+    """Perplexity on each text and accuracy on each task of `data` (load_data's), with the model's
+    sizes and timings. `limit` keeps the first `limit` items of every task and windows of every
+    text; `shard` (i, n) scores the i-th of n slices of every task's items (zero_shot). Every text
+    is cut into windows before anything is scored, so one too short for a window is refused at once.
     """
     start = time.time()
-    result = {"summary": grasprune.model_summary(model), "perplexity": {}, "errors": {}}
-    for source in ppl:
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    windows = {}
+    for source, text in data["texts"].items():
+        first = min(limit or 256, 256) if source == "c4" else limit  # SparseGPT scores C4's first 256 windows
+        with reading(f"--ppl {source}"):
+            windows[source] = token_windows(tokenizer, text, seq_len, first)
+    result = {"summary": grasprune.model_summary(model), "perplexity": {}}
+    for source, ids in windows.items():
         t = time.time()
-        try:
-            text = grasprune.load_text(source, PPL_SPLITS.get(source, "test"), data_dir)
-        except grasprune.UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            result["errors"][source] = str(e)
-            continue
-        # SparseGPT scores C4 on its first 256 windows only
-        windows = min(limit or 256, 256) if source == "c4" else limit
-        result["perplexity"][source] = {
-            "ppl": perplexity(model, tokenizer, text, seq_len, limit_windows=windows),
-            "seq_len": min(seq_len, model.config.max_position_embeddings), "seconds": round(time.time() - t, 1)}
-    scores = zero_shot(model, tokenizer, tasks, data_dir, limit, batch_size, shard)
+        result["perplexity"][source] = {"ppl": perplexity(model, tokenizer, None, windows=ids), "seq_len": seq_len,
+                                        "seconds": round(time.time() - t, 1)}
+    scores = zero_shot(model, tokenizer, data["docs"], limit, batch_size, shard)
     result["tasks"] = {task: r for task, r in scores.items() if "error" not in r}
-    result["errors"].update({task: r["error"] for task, r in scores.items() if "error" in r})
+    result["errors"] = {task: r["error"] for task, r in scores.items() if "error" in r}
     result["mean"] = mean_of_tasks(result["tasks"])
     result["seconds"] = round(time.time() - start, 1)
     return result
@@ -378,7 +482,27 @@ def shard_of(text: str) -> tuple[int, int]:
     return int(i), int(n)
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_results(path: Path, result: dict) -> None:
+    """The results JSON, written whole (a temporary file renamed into place). Should that fail at
+    the end of a long run, the results are kept beside it (or in the temporary folder), said where."""
+    text = json.dumps(result, indent=2) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        for folder in (path.parent, tempfile.gettempdir()):
+            with contextlib.suppress(OSError):
+                handle, kept = tempfile.mkstemp(prefix=f"{path.stem}-", suffix=".json", dir=folder)
+                with os.fdopen(handle, "w") as f:
+                    f.write(text)
+                raise UsageError(f"cannot write {path} ({grasprune.cause_of(err)}); the results are in {kept}")
+        raise
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command line's run: every check and every data file before the weights load."""
     parser = grasprune.ArgumentParser(prog="eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="hub id, local HF folder, .gguf file, or an output folder of grasprune.py")
@@ -398,22 +522,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="score only the I-th of N slices of every task's items (a long run in parts; "
                              "experiments/report.py joins them); perplexity is not split: pass --ppl alone")
     parser.add_argument("--output", help="write the results JSON here")
-    try:
-        args = parser.parse_args(argv)
-        for name in ("seq_len", "batch_size") + (("limit",) if args.limit is not None else ()):
-            if getattr(args, name) < 1:
-                raise grasprune.UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        if args.shard != (1, 1) and args.ppl:
-            raise grasprune.UsageError("--shard splits the zero-shot tasks only: run the perplexity on its own, "
-                                       "and pass --ppl with no source here")
-        if args.output and not Path(args.output).parent.is_dir():
-            raise grasprune.UsageError(f"--output {args.output}: no folder {Path(args.output).parent}")
-        model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
-    except grasprune.UsageError as e:
-        print(f"eval: error: {e}", file=sys.stderr)
-        return 2
-    result = evaluate(model, tokenizer, args.tasks, args.ppl, args.data_dir, args.seq_len, args.limit,
-                      args.batch_size, args.shard)
+    args = parser.parse_args(argv)
+    for name, least in (("seq_len", 2), ("batch_size", 1)) + ((("limit", 1),) if args.limit is not None else ()):
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.shard != (1, 1) and args.ppl:
+        raise UsageError("--shard splits the zero-shot tasks only: run the perplexity on its own, "
+                         "and pass --ppl with no source here")
+    if args.output:
+        grasprune.check_output(Path(args.output), True, folder=False, inputs=(args.model, args.data_dir, *args.ppl))
+    grasprune.load_config(args.model)
+    data = load_data(args.tasks, args.ppl, args.data_dir)
+    model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
+    result = evaluate(model, tokenizer, data, args.seq_len, args.limit, args.batch_size, args.shard)
     result = {"model": args.model, **result,
               "settings": {**vars(args), "device": str(grasprune.input_device(model)),
                            "dtype": str(next(model.parameters()).dtype)},
@@ -421,8 +542,12 @@ def main(argv: list[str] | None = None) -> int:
                            "transformers": transformers.__version__, "datasets": datasets.__version__}}
     print(markdown_table({args.model: result}))
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    return 1 if result["errors"] else 0  # a task whose data could not be reached (its line said why)
+        write_results(Path(args.output), result)
+    return 1 if result["errors"] else 0  # a task whose shard was empty (its line said why)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return grasprune.run_cli("eval", lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ Refused with one line and exit code 2, nothing written: other architectures (Qwe
 have no place in `deci`), other rotary scalings, other activations, other tokenizers.
 """
 
-import argparse
 import json
 import signal
 import sys
@@ -40,7 +39,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, TokenType
 
-from modeling_grasprune import load_config, load_pretrained
+import grasprune
+from modeling_grasprune import load_pretrained
 
 # --outtype -> (type of the matrices, file type llama.cpp reports)
 OUTTYPES = {
@@ -59,7 +59,7 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 
-class ExportError(Exception):
+class ExportError(grasprune.UsageError):
     """A model or tokenizer this export cannot write faithfully: one line, exit 2, no file."""
 
 
@@ -162,21 +162,31 @@ def split_name(pre_tokenizer: dict | None) -> str:
     raise ExportError(f"cannot name this tokenizer's pre-tokenizer ({' + '.join(kinds) or 'none'}) for llama.cpp")
 
 
+def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
+    """The tokenizer's definition (tokenizers' JSON), refused here if llama.cpp cannot read it: the
+    check that grasprune.py --gguf makes before pruning."""
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise ExportError(f"cannot export a {type(tokenizer).__name__}: a tokenizers-backed tokenizer is needed")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ExportError(f"cannot export a {spec['model']['type']} tokenizer; BPE tokenizers export")
+    ids = [*spec["model"]["vocab"].values(), *(token["id"] for token in spec["added_tokens"])]
+    if max(ids) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(ids)}, the model only {vocab_size} embeddings")
+    if not spec["model"].get("byte_fallback"):
+        split_name(spec["pre_tokenizer"])
+    return spec
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     """The transformers tokenizer as llama.cpp reads it: byte-level BPE as `gpt2` (tokens,
     merges, pre-tokenizer), SentencePiece-style BPE (byte fallback, "▁" for spaces) as `llama`,
     whose merge order llama.cpp takes from token scores: the earlier a merge makes a token, the
     higher the token's score."""
-    if not hasattr(tokenizer, "backend_tokenizer"):
-        raise ExportError(f"cannot export a {type(tokenizer).__name__}: a tokenizers-backed tokenizer is needed")
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec = tokenizer_spec(tokenizer, vocab_size)
     model = spec["model"]
-    if model["type"] != "BPE":
-        raise ExportError(f"cannot export a {model['type']} tokenizer; BPE tokenizers export")
     added = {token["id"]: token for token in spec["added_tokens"]}
     tokens = {i: t for t, i in model["vocab"].items()} | {i: token["content"] for i, token in added.items()}
-    if max(tokens) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(tokens)}, the model only {vocab_size} embeddings")
     sentencepiece = bool(model.get("byte_fallback"))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     rank = {}  # token -> index of the first merge that makes it
@@ -240,7 +250,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", tokenizer_fro
     config = model.config
     check_exportable(config)
     qtype, file_type = OUTTYPES[outtype]
-    head_dim = config.head_dim if getattr(config, "head_dim", None) else config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     tensors = {"token_embd.weight": model.get_input_embeddings().weight, "output_norm.weight": model.model.norm.weight}
     if not config.tie_word_embeddings:
         tensors["output.weight"] = model.get_output_embeddings().weight
@@ -304,50 +314,48 @@ def write_gguf(model, tokenizer, path: Path, outtype: str = "f16", tokenizer_fro
 # Command line
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as an ExportError (one line, exit 2)."""
-
-    def error(self, message: str):
-        raise ExportError(message)
-
-
 def source_gguf(model: str) -> str | None:
     """The GGUF file whose tokenizer the export carries over: the model itself, or the one a
     grasprune.py output folder was pruned from (its report says), if it is still there."""
     if model.endswith(".gguf"):
         return model
     report = Path(model) / "grasprune_report.json"
-    source = json.loads(report.read_text())["settings"]["model"] if report.is_file() else ""
+    with grasprune.reading(report):
+        source = json.loads(report.read_text())["settings"]["model"] if report.is_file() else ""
     return source if source.endswith(".gguf") and Path(source).is_file() else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(prog="export_gguf", description=__doc__.split("\n\n")[0])
+def describe(summary: dict) -> str:
+    """What write_gguf wrote, in one line."""
+    others = summary["matrices_not_in_outtype"]
+    stored = f"every matrix {summary['outtype']}" if not others else (
+        f"{len(others)} matrices stored f16 (rows not whole blocks of {Q8_0_BLOCK}; grasprune.py --ffn-multiple "
+        f"{Q8_0_BLOCK} aligns every FFN width): {', '.join(others)}")
+    return (f"wrote {summary['path']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['outtype']}); FFN widths "
+            f"{summary['feed_forward_length']}, query heads {summary['head_count']}, KV heads "
+            f"{summary['head_count_kv']}; {stored}")
+
+
+def export(argv: list[str] | None = None) -> None:
+    """The command line's run: every check before the weights are read, then the file."""
+    p = grasprune.ArgumentParser(prog="export_gguf", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a grasprune.py output folder, or a dense model: folder, hub id or .gguf file")
     p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="type of the weight matrices (default f16)")
     p.add_argument("--output", help="the GGUF file (default: <model name>-<outtype>.gguf here)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    try:
-        args = p.parse_args(argv)
-        name = Path(args.model.rstrip("/")).name.removesuffix(".gguf")
-        output = Path(args.output or f"{name}-{args.outtype}.gguf")
-        if output.exists() and not args.overwrite:
-            raise ExportError(f"{output} exists; pass --overwrite to replace it")
-        try:
-            check_exportable(load_config(args.model))  # before any weight is read
-            model, tokenizer = load_pretrained(args.model, dtype=torch.float32)
-        except (OSError, ValueError) as err:
-            raise ExportError(f"cannot load {args.model!r}: {str(err).splitlines()[0]}")
-        summary = write_gguf(model, tokenizer, output, args.outtype, source_gguf(args.model))
-    except ExportError as err:
-        print(f"export_gguf: error: {err}", file=sys.stderr)
-        return 2
-    others = summary["matrices_not_in_outtype"]
-    print(f"export_gguf: wrote {output} ({summary['bytes'] / 2**20:.1f} MiB, {args.outtype}); FFN widths "
-          f"{summary['feed_forward_length']}, query heads {summary['head_count']}, KV heads {summary['head_count_kv']}; "
-          + (f"{len(others)} matrices stored f16 (rows not whole blocks of {Q8_0_BLOCK}): {', '.join(others)}"
-             if others else f"every matrix {args.outtype}"))
-    return 0
+    args = p.parse_args(argv)
+    name = Path(args.model.rstrip("/")).name.removesuffix(".gguf")
+    output = Path(args.output or f"{name}-{args.outtype}.gguf")
+    grasprune.check_output(output, args.overwrite, folder=False, inputs=(args.model,))
+    check_exportable(grasprune.load_config(args.model))  # before any weight is read
+    tokenizer_from = source_gguf(args.model)
+    with grasprune.reading(f"the model {args.model!r}"):
+        model, tokenizer = load_pretrained(args.model, dtype=torch.float32)
+    print(f"export_gguf: {describe(write_gguf(model, tokenizer, output, args.outtype, tokenizer_from))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return grasprune.run_cli("export_gguf", lambda: export(argv))
 
 
 if __name__ == "__main__":

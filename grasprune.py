@@ -1,28 +1,12 @@
 """GRASPrune: global gating for budgeted structured pruning of LLaMA-family LLMs.
 
 Reference implementation of Wang et al., "Global Gating for Budgeted Structured Pruning of Large
-Language Models" (ACL 2026, arXiv 2604.19398). The pipeline, in the order of this file:
-
-  0. the recipe: every setting of the method in one dataclass (the paper's values: Recipe.paper());
-  1. load a frozen, pretrained decoder-only model (Llama, Mistral, Qwen2, Qwen3; MHA or GQA);
-  2. draw calibration sequences of unlabeled text;
-  3. list the prunable units, each with its exact parameter cost: FFN intermediate channels
-     (a row of gate_proj and up_proj, a column of down_proj) and KV head groups (one K head, one
-     V head, the query heads that share them, and their o_proj columns);
-  4. gate every unit's output with one entry of a flat gate vector;
-  5. project the gate scores onto ONE global parameter budget: a hard 0/1 mask, exact;
-  6. train only the scores, forward with the hard mask, backward through sigmoid(score / tau)
-     (straight-through estimator); the paper trains on the LM loss from scores at 0, the
-     defaults here distill the dense model's predictions from Fisher-informed scores (README);
-  7. with the mask fixed, learn one bounded scale per kept unit, 1 + 0.5 * tanh(t);
-  8. fold the scales into the kept weights and slice a smaller dense model;
-  9. `prune()`: steps 3 to 8 on a model already loaded, the method's one entry point;
- 10. report and save (safetensors + config + tokenizer + modeling_grasprune.py);
- 11. the command line.
+Language Models" (ACL 2026, arXiv 2604.19398). Read top to bottom, in pipeline order: 0 the recipe,
+1 loading a frozen model, 2 calibration data, 3 prunable units and their exact costs, 4 gates,
+5 projection onto one global budget, 6 gate training (straight-through), 7 scaling calibration,
+8 slicing, 9 `prune()` (steps 3 to 8 on a loaded model), 10 reporting and saving, 11 the command line.
 
     python grasprune.py --model meta-llama/Llama-2-7b-hf --sparsity 0.5
-
-    pruned, report = grasprune.prune(model, grasprune.calibration_batches(tokenizer, text, 128, 256))
 """
 
 import argparse
@@ -30,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -45,7 +30,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -59,15 +43,37 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, nothing written."""
 
 
-# ----------------------------------------------------------------------------------------------
-# 0. The recipe
+def cause_of(err: BaseException) -> str:
+    """An exception as one line, with the innermost error it wraps (which names what is wrong)."""
+    root = err
+    while root.__cause__ or root.__context__:
+        root = root.__cause__ or root.__context__
+    text = [(str(e).strip().splitlines() or [type(e).__name__])[0] for e in dict.fromkeys((err, root))]
+    return text[0] if len(text) == 1 else f"{text[0]} ({type(root).__name__}: {text[1]})"
 
 
+@contextlib.contextmanager
+def reading(what: str):
+    """The error boundary around reading what the user named (a model, a corpus, a task file): any
+    failure becomes one UsageError naming it and the cause; datasets' own error log is held back."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"cannot read {what}: {cause_of(err)}") from err
+    finally:
+        logger.setLevel(level)
+
+
+# ---- 0. The recipe ------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Every setting of the method. The defaults are this project's, chosen on held-out data
-    (README); `Recipe.paper()` gives the paper's. The sparsity is not part of the recipe: it is
-    the budget, an argument of `prune()`."""
+    """Every setting of the method: the defaults are this project's (docs/ablations.md), `Recipe.paper()`
+    the paper's. The sparsity is the budget, an argument of `prune()`."""
 
     epochs: int = 4  # of gate training over the calibration sequences
     batch_size: int = 1  # calibration sequences per optimizer step
@@ -86,21 +92,21 @@ class Recipe:
         return cls(init="zeros", loss="lm")
 
     def validate(self) -> None:
-        """Refuse settings the method cannot run with, before any work is done."""
-        checks = {
-            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "tau": self.tau > 0, "init": self.init in ("importance", "zeros"), "loss": self.loss in ("kd", "lm"),
-            "kv_floor": self.kv_floor in (0, 1), "ffn_multiple": self.ffn_multiple >= 1, "top_k": self.top_k >= 1,
-        }
-        for name, ok in checks.items():
+        """Refuse a setting of the wrong type or value (`epochs=1.5`, `tau=inf`) before any work."""
+        choices = {"init": ("importance", "zeros"), "loss": ("kd", "lm"), "kv_floor": (0, 1)}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            ok = isinstance(value, (int, float) if field.type is float else field.type)
+            ok = ok and (field.type is bool or not isinstance(value, bool))
+            if ok and field.type in (int, float):  # counts at least 1, rates positive and finite
+                ok = math.isfinite(value) and value > 0 or field.name == "kv_floor"
+            if ok and field.name in choices:
+                ok = value in choices[field.name]
             if not ok:
-                raise UsageError(f"invalid --{name.replace('_', '-')} {getattr(self, name)!r}")
+                raise UsageError(f"invalid --{field.name.replace('_', '-')} {value!r}")
 
 
-# ----------------------------------------------------------------------------------------------
-# 1. Loading the model
-
-
+# ---- 1. Loading the model -----------------------------------------------------------------------
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """cuda with bf16 when available, else cpu with float32; explicit choices win."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,111 +125,54 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 
 def load_config(name: str):
     """The model's config, read without its weights: enough to refuse a model early."""
-    try:
+    with reading(f"a model config from {name!r}"):
         config = modeling_grasprune.load_config(name)
-    except (OSError, ValueError) as err:  # FileNotFoundError, no config.json, hub unreachable
-        raise UsageError(f"cannot load a model config from {name!r}: {str(err).splitlines()[0]}")
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(
-            f"model type {config.model_type!r} is not supported; GRASPrune supports decoder-only "
-            f"LLaMA-family models: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        raise UsageError(f"model type {config.model_type!r} is not supported; GRASPrune supports decoder-only "
+                         f"LLaMA-family models: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return config
 
 
 def load_model(name: str, device: str | None = None, dtype: str | None = None, device_map: str | dict | None = None):
-    """Load a model and its tokenizer from a hub id, a local folder, a .gguf file or a
-    GRASPrune checkpoint. Returns (model, tokenizer), the model in eval mode and frozen.
-    `device_map` (e.g. "auto") spreads a model too big for one device over several GPUs and
-    CPU memory, through accelerate; it replaces `device`."""
+    """Model and tokenizer of a hub id, folder, .gguf file or GRASPrune checkpoint, in eval mode and
+    frozen. `device_map` ("auto") spreads a model over several GPUs and CPU memory (accelerate)."""
     device, torch_dtype = resolve_device_dtype(device, dtype)
     load_config(name)
-    model, tokenizer = load_pretrained(name, dtype=torch_dtype, device_map=device_map or str(device))
+    with reading(f"the model {name!r}"):  # truncated weights, a folder without them, a cut GGUF file
+        model, tokenizer = load_pretrained(name, dtype=torch_dtype, device_map=device_map or str(device))
     model.eval().requires_grad_(False)
     return model, tokenizer
 
 
 def input_device(model) -> torch.device:
-    """Where input ids go: the embedding's execution device. Under --device-map the embedding
-    can be offloaded, and then model.device (that of the first weight) is 'meta'."""
+    """Where input ids go: the embedding's execution device (offloaded, its weight is on 'meta')."""
     embedding = model.get_input_embeddings()
     hook = getattr(embedding, "_hf_hook", None)
     return torch.device(hook.execution_device) if hook else embedding.weight.device
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Calibration data
-
-# Each corpus: hub dataset, local file under --data-dir, text field, and the separator that the
-# SparseGPT/Wanda perplexity protocol joins rows with.
-CORPORA = {
-    "wikitext2": (("Salesforce/wikitext", "wikitext-2-raw-v1"), "wikitext-2-raw-v1/{split}.parquet", "text", "\n\n"),
-    "ptb": (("ptb-text-only/ptb_text_only", "penn_treebank"), "ptb/{split}.jsonl", "sentence", " "),
-    "c4": (("allenai/c4", "en"), "c4/{split}.jsonl", "text", " "),
-}
-C4_DOCUMENTS = 5000  # C4 splits are huge: the first documents already hold millions of tokens.
-
-
-def read_rows(path: Path, field: str) -> list[str]:
-    """Rows of one text field from a local .parquet or .jsonl file."""
-    from datasets import load_dataset
-    from datasets.exceptions import DatasetGenerationError
-
-    try:
-        rows = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
-    except (OSError, ValueError, DatasetGenerationError) as err:  # unreadable, not JSON lines, not parquet
-        raise UsageError(f"cannot read {path}: {str(err).splitlines()[0]}")
-    if field not in rows.column_names:
-        raise UsageError(f"{path} has no {field!r} field (its fields: {', '.join(rows.column_names)})")
-    return rows[field]
-
-
-def load_text(source: str, split: str, data_dir: str | None = None) -> str:
-    """Text of a corpus split (wikitext2, ptb, c4) from the hub or --data-dir, or of a local
-    .txt/.jsonl/.parquet file; corpus rows joined as the SparseGPT/Wanda protocol does."""
-    if source not in CORPORA:
-        path = Path(source)
-        if not path.is_file():
-            raise UsageError(f"calibration source {source!r} is neither {', '.join(CORPORA)}, 'self' nor a file")
-        return path.read_text() if path.suffix == ".txt" else "\n\n".join(read_rows(path, "text"))
-    (hub_id, hub_config), local, field, sep = CORPORA[source]
-    if data_dir is not None:
-        path = Path(data_dir) / local.format(split=split)
-        if not path.is_file():
-            raise UsageError(f"{source} {split} is not in --data-dir: no file {path}")
-        rows = read_rows(path, field)
-    else:
-        from datasets import load_dataset
-
-        try:
-            rows = load_dataset(hub_id, hub_config, split=split, streaming=source == "c4")
-            rows = [row[field] for _, row in zip(range(C4_DOCUMENTS), rows)] if source == "c4" else rows[field]
-        except (OSError, ValueError) as err:  # ConnectionError offline, DatasetNotFoundError, bad config
-            raise UsageError(
-                f"cannot load {source} ({split}) from the Hugging Face hub ({type(err).__name__}); "
-                "pass --data-dir DIR with local copies laid out like shared/data, or a local text file"
-            )
-    return sep.join(rows)
+# ---- 2. Calibration data ------------------------------------------------------------------------
+def check_sequence_length(length: int, config) -> None:
+    """Calibration sequences need a next token to predict, at positions the model was trained on."""
+    if not 2 <= length <= config.max_position_embeddings:
+        raise UsageError(f"calibration sequences of {length} tokens: the model needs 2 to "
+                         f"{config.max_position_embeddings} (its context length)")
 
 
 def calibration_batches(tokenizer, text: str, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """N sequences of L tokens: non-overlapping windows of the tokenized text, N of them chosen
-    by a seeded permutation so that they spread over the whole corpus. Shape (N, L)."""
+    """(N, L) token ids: N non-overlapping L-token windows of the text, chosen by a seeded permutation."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     windows = ids.numel() // seq_len
     if windows < n:
-        raise UsageError(
-            f"too little calibration text: {ids.numel()} tokens make {windows} sequences of "
-            f"{seq_len} tokens, {n} needed (lower --nsamples or --seq-len)"
-        )
+        raise UsageError(f"too little calibration text: {ids.numel()} tokens make {windows} sequences of "
+                         f"{seq_len} tokens, {n} needed (lower --nsamples or --seq-len)")
     chosen = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:n]
     return ids[: windows * seq_len].view(windows, seq_len)[chosen]
 
 
 @torch.no_grad()
 def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
-    """Data-free calibration: N sequences of L tokens sampled from the dense model itself,
-    each starting from the BOS token (EOS where there is none). Shape (N, L)."""
+    """Data-free calibration (--calib self): (N, L) tokens sampled from the model, each from BOS (or EOS)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     batches = []
@@ -237,14 +186,12 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
     return torch.cat(batches)
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Prunable units and their parameter costs
+# ---- 3. Prunable units and their parameter costs ------------------------------------------------
 
-# Which slice of which decoder-layer parameter each unit owns, as (unit index kind, dim):
-# "ffn" indexes FFN channels, "kv" the head_dim rows of a K or V head, "q" the g * head_dim rows
-# (or o_proj columns) of the query heads that share one KV head. Pruning and costing both read
-# this table, so a unit's cost is exactly what slicing it removes. Output biases of o_proj and
-# down_proj (where a model has them) belong to no unit and stay.
+# Which slice of which decoder-layer parameter each unit owns, as (unit index kind, dim): "ffn"
+# indexes FFN channels, "kv" the head_dim rows of a K or V head, "q" the g * head_dim rows (or o_proj
+# columns) of the query heads that share one KV head. Pruning and costing both read this table, so a
+# unit costs exactly what slicing it removes. o_proj's and down_proj's output biases stay.
 UNIT_SLICES = {
     "mlp.gate_proj.weight": ("ffn", 0),
     "mlp.gate_proj.bias": ("ffn", 0),
@@ -263,8 +210,8 @@ UNIT_SLICES = {
 
 @dataclasses.dataclass(frozen=True)
 class Units:
-    """All prunable units, laid out in one flat vector: every FFN channel (layer by layer), then
-    every KV group (layer by layer). Scores, masks and scales all use this layout."""
+    """All prunable units in one flat vector, the layout of scores, masks and scales: every FFN
+    channel (layer by layer), then every KV group (layer by layer)."""
 
     num_layers: int
     ffn_per_layer: int  # intermediate size
@@ -282,23 +229,20 @@ class Units:
     def count(self) -> int:
         return self.num_layers * (self.ffn_per_layer + self.kv_per_layer)
 
-    def ffn(self, flat: torch.Tensor) -> torch.Tensor:
-        """(num_layers, ffn_per_layer) view of the FFN part of a flat unit vector."""
+    @property
+    def total_cost(self) -> int:
+        return self.num_layers * (self.ffn_per_layer * self.ffn_cost + self.kv_per_layer * self.kv_cost)
+
+    def ffn(self, flat: torch.Tensor) -> torch.Tensor:  # (num_layers, ffn_per_layer) view
         return flat[: self.num_ffn].view(self.num_layers, self.ffn_per_layer)
 
-    def kv(self, flat: torch.Tensor) -> torch.Tensor:
-        """(num_layers, kv_per_layer) view of the KV-group part of a flat unit vector."""
+    def kv(self, flat: torch.Tensor) -> torch.Tensor:  # (num_layers, kv_per_layer) view
         return flat[self.num_ffn :].view(self.num_layers, self.kv_per_layer)
 
     def costs(self, device: torch.device) -> torch.Tensor:
         """Exact parameter cost of every unit (int64)."""
         ffn = torch.full((self.num_ffn,), self.ffn_cost, dtype=torch.long, device=device)
-        kv = torch.full((self.count - self.num_ffn,), self.kv_cost, dtype=torch.long, device=device)
-        return torch.cat([ffn, kv])
-
-    @property
-    def total_cost(self) -> int:
-        return self.num_layers * (self.ffn_per_layer * self.ffn_cost + self.kv_per_layer * self.kv_cost)
+        return torch.cat([ffn, torch.full((self.count - self.num_ffn,), self.kv_cost, dtype=torch.long, device=device)])
 
 
 ALREADY_PRUNED = "this model is already pruned (its layers differ in width); start from a dense model"
@@ -316,15 +260,9 @@ def find_units(model) -> Units:
         if name in UNIT_SLICES:
             kind, dim = UNIT_SLICES[name]
             cost[kind] += param.numel() // param.shape[dim] * rows_per_unit[kind]
-    return Units(
-        num_layers=len(model.model.layers),
-        ffn_per_layer=model.model.layers[0].mlp.gate_proj.out_features,
-        kv_per_layer=attn.k_proj.out_features // head_dim,
-        heads_per_group=group,
-        head_dim=head_dim,
-        ffn_cost=cost["ffn"],
-        kv_cost=cost["kv"] + cost["q"],
-    )
+    return Units(num_layers=len(model.model.layers), ffn_per_layer=model.model.layers[0].mlp.gate_proj.out_features,
+                 kv_per_layer=attn.k_proj.out_features // head_dim, heads_per_group=group, head_dim=head_dim,
+                 ffn_cost=cost["ffn"], kv_cost=cost["kv"] + cost["q"])
 
 
 def units_of_config(config) -> Units:
@@ -335,15 +273,11 @@ def units_of_config(config) -> Units:
         return find_units(AutoModelForCausalLM.from_config(config))
 
 
-# ----------------------------------------------------------------------------------------------
-# 4. Gates: every unit's output times its entry of a flat gate vector
-
-
+# ---- 4. Gates: every unit's output times its entry of a flat gate vector -------------------------
 class Gates:
-    """Forward pre-hooks that multiply the input of down_proj (one entry per FFN channel) and of
-    o_proj (one entry per KV group, shared by its query heads) by the current `values`. A gate
-    of 0 removes the unit's contribution exactly as slicing it out would; gating the projection
-    inputs (not the weights) keeps the backbone frozen."""
+    """Forward pre-hooks that multiply the input of down_proj (one entry per FFN channel) and of o_proj
+    (one per KV group, shared by its query heads) by `values`: a gate of 0 removes the unit exactly as
+    slicing it out would, and the weights stay untouched."""
 
     def __init__(self, model, units: Units):
         self.values: torch.Tensor = torch.ones(units.count)
@@ -372,41 +306,28 @@ def gated(model, units: Units):
         gates.remove()
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Projection onto the global budget
-
-
+# ---- 5. Projection onto the global budget -------------------------------------------------------
 def budget_for(units: Units, sparsity: float, kv_floor: int = 1) -> int:
-    """Parameters that the kept units may hold: (1 - sparsity) of all prunable parameters.
-    The per-layer minimum (one FFN unit, and `kv_floor` KV groups: 1, or 0 to let a layer
-    lose its whole attention block) is reserved inside it. (An FFN unit is one channel, or a
-    block of them, `in_blocks`.)"""
-    if not 0.0 < sparsity < 1.0:
-        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
+    """Parameters that the kept units may hold: (1 - sparsity) of all prunable parameters. The
+    per-layer minimum (one FFN unit, and `kv_floor` KV groups) is reserved inside it."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < sparsity < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {sparsity!r}")
     budget = math.floor((1.0 - sparsity) * units.total_cost)
     reserve = units.num_layers * (units.ffn_cost + kv_floor * units.kv_cost)
     if budget < reserve:
         raise UsageError(
             f"sparsity {sparsity} leaves {budget:,} parameters, fewer than the {reserve:,} needed to keep "
             f"one FFN unit{' and one KV group' if kv_floor else ''} in every layer"
-            + ("; --kv-floor 0 lets a layer drop its attention" if kv_floor else "")
-        )
+            + ("; --kv-floor 0 lets a layer drop its attention" if kv_floor else ""))
     return budget
 
 
 @torch.no_grad()
-def project_to_budget(
-    scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units, kv_floor: int = 1
-) -> torch.Tensor:
-    """Hard 0/1 mask of the highest-scoring units that fit the budget (boolean, flat layout).
-
-    Each layer's best FFN unit and (with kv_floor 1) best KV group are reserved first; the
-    other units are then taken greedily by score, skipping any that no longer fits. The kept
-    cost never exceeds the budget and falls short of it by less than the cost of the cheapest
-    skipped unit. Ties are broken by unit index (a stable sort; argmax takes the first maximum),
-    so with every score at 0 (--init zeros) the first mask keeps FFN units from layer 0
-    upwards, then KV groups, on every device alike.
-    """
+def project_to_budget(scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units,
+                      kv_floor: int = 1) -> torch.Tensor:
+    """Hard 0/1 mask of the highest-scoring units that fit the budget (boolean, flat layout). Each
+    layer's best FFN unit and (kv_floor 1) KV group are reserved; the rest are taken greedily by score,
+    skipping any that no longer fits. Ties go to the lower index (stable sort, first argmax)."""
     keep = torch.zeros_like(scores, dtype=torch.bool)
     layer_starts = torch.arange(units.num_layers, device=scores.device)
     keep[units.ffn(scores).argmax(1) + layer_starts * units.ffn_per_layer] = True
@@ -415,9 +336,9 @@ def project_to_budget(
     remaining = budget - int(costs[keep].sum())
     order = torch.argsort(scores, descending=True, stable=True)
     candidates = order[~keep[order]]
-    # Greedy with skips, vectorized: take the longest prefix that fits; once a unit of cost c
-    # does not fit, no unit costing c or more ever will, so drop those and go on. This loops at
-    # most once per distinct unit cost (two here).
+    # Greedy with skips, vectorized: take the longest prefix that fits; once a unit of cost c does
+    # not fit, no unit costing c or more ever will, so drop those and go on. This loops at most
+    # once per distinct unit cost (two here).
     while candidates.numel() > 0:
         cost = costs[candidates]
         taken = int((cost.cumsum(0) <= remaining).sum())
@@ -440,10 +361,9 @@ def in_blocks(units: Units, multiple: int) -> Units:
 
 @torch.no_grad()
 def project_aligned(scores: torch.Tensor, budget: int, units: Units, kv_floor: int, multiple: int) -> torch.Tensor:
-    """The final mask (flat, per channel) with every layer's kept FFN width a multiple of
-    `multiple`. Each layer's channels, ranked by score, form blocks of `multiple`, best first,
-    each scored by its mean; the budget takes or leaves whole blocks (project_to_budget, exact
-    at that granularity), so a layer always keeps its best-scored channels."""
+    """The final mask (flat, per channel) with every kept FFN width a multiple of `multiple`: each
+    layer's channels, ranked by score, form blocks scored by their mean, which the budget takes or
+    leaves whole, so a layer always keeps its best-scored channels."""
     blocks = in_blocks(units, multiple)
     ranked, order = units.ffn(scores).sort(dim=1, descending=True, stable=True)
     block_scores = ranked.unflatten(1, (blocks.ffn_per_layer, multiple)).mean(-1)
@@ -454,10 +374,7 @@ def project_aligned(scores: torch.Tensor, budget: int, units: Units, kv_floor: i
     return torch.cat([torch.zeros_like(best).scatter(1, order, best).flatten(), blocks.kv(keep).flatten()])
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Gate training: hard mask forward, sigmoid(score / tau) backward
-
-
+# ---- 6. Gate training: hard mask forward, sigmoid(score / tau) backward --------------------------
 def straight_through(scores: torch.Tensor, hard: torch.Tensor, tau: float) -> torch.Tensor:
     """Forward value: exactly the hard mask; gradient: d sigmoid(score / tau) / d score.
     (The parentheses matter: hard + soft - soft would not be exactly 0 or 1 in floating point.)"""
@@ -466,11 +383,9 @@ def straight_through(scores: torch.Tensor, hard: torch.Tensor, tau: float) -> to
 
 
 class Targets(NamedTuple):
-    """What distillation needs of the dense model's next-token distribution at every calibration
-    token, computed once: its top-k token ids and log-probabilities, and the log of the
-    probability left to all other tokens. (N, L, k), (N, L, k), (N, L): for LLaMA-2-7B's
-    512 x 512 calibration tokens and k = 1024, 2 GiB, where the full distributions would take
-    16 GiB in bf16 (63 GiB at a vocabulary of 128k)."""
+    """The dense model's next-token distribution at every calibration token, computed once: top-k ids
+    and log-probabilities, and the log of the mass left to all other tokens. (N, L, k), (N, L, k),
+    (N, L): 2 GiB for LLaMA-2-7B at 512 x 512 tokens and k = 1024 (full distributions: 16 GiB)."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
@@ -481,30 +396,29 @@ class Targets(NamedTuple):
 
 
 def log_tail_mass(top_logprobs: torch.Tensor) -> torch.Tensor:
-    """log of the probability outside the top k, 1 - sum(top k), computed in float64 so that it
-    does not cancel when the top k hold nearly everything; floored at float32's resolution. The
-    teacher's and the student's tails go through the same arithmetic, so a student equal to the
-    teacher is at a loss of exactly 0."""
+    """log(1 - sum(top k)), in float64 so that it does not cancel, floored at float32's resolution;
+    teacher and student share the arithmetic, so a student equal to the teacher has a loss of 0."""
     return (1 - top_logprobs.double().exp().sum(-1)).clamp_min(2**-24).log().float()
 
 
 @torch.no_grad()
 def teacher_targets(model, data: torch.Tensor, batch_size: int, k: int = Recipe.top_k) -> Targets:
-    """The dense model's predictions on the calibration data, once: one forward per sequence
-    instead of one per training and scaling step. Kept on the input device."""
+    """The dense model's predictions on the calibration data, once, instead of at every step."""
     device, parts = input_device(model), []
-    for batch in tqdm(data.split(batch_size), desc="teacher targets"):
+    for step, batch in enumerate(tqdm(data.split(batch_size), desc="teacher targets"), 1):
         logprobs = model(input_ids=batch.to(device), use_cache=False).logits.float().log_softmax(-1)
         top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+        if top.isnan().any():
+            raise UsageError(f"the dense model's predictions on calibration batch {step} are not finite: check its "
+                             "weights, or use float32/bfloat16 rather than float16")
         parts.append((ids.int().to(device), top.to(device), log_tail_mass(top).to(device)))
     return Targets(*(torch.cat(p) for p in zip(*parts)))
 
 
 def distillation_loss(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
-    """KL divergence from the dense model's next-token distribution to the gated model's, over
-    the k + 1 outcomes the targets keep: each of the teacher's top-k tokens, and any other
-    token. Mean over tokens (the scale of the full KL, which it approaches as k grows). Its cost
-    is the LM loss's: one log-softmax over the vocabulary, the rest on k values per token."""
+    """KL divergence from the dense model's next-token distribution to the gated model's over the k + 1
+    outcomes the targets keep (each top-k token, any other token), mean over tokens. It costs what the
+    LM loss costs: one log-softmax over the vocabulary."""
     student = logits.float().log_softmax(-1).gather(-1, targets.ids.long())
     teacher, tail = targets.logprobs, targets.log_tail
     kl = (teacher.exp() * (teacher - student)).sum(-1) + tail.exp() * (tail - log_tail_mass(student))
@@ -513,9 +427,8 @@ def distillation_loss(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
 
 def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Tensor,
                      targets: Targets | None = None) -> torch.Tensor:
-    """The loss of gate training and scaling calibration, with `values` in the gates: the
-    next-token cross-entropy on the calibration text (the paper's), or, given the dense model's
-    `targets`, the distillation loss (self-distillation: no second model is held)."""
+    """The loss of gate training and scaling, with `values` in the gates: next-token cross-entropy (the
+    paper's) or, given the dense model's `targets`, self-distillation (no second model is held)."""
     batch = batch.to(input_device(model))
     gates.values = values
     if targets is None:
@@ -524,17 +437,18 @@ def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Ten
 
 
 def with_targets(data: torch.Tensor, targets: Targets | None, batch_size: int) -> list:
-    """The calibration batches of gate training and scaling, each with its slice of the
-    teacher's targets (None for the LM loss)."""
+    """The calibration batches, each with its slice of the teacher's targets (None for the LM loss)."""
     batches = data.split(batch_size)
     return list(zip(batches, targets.split(batch_size) if targets else [None] * len(batches)))
 
 
-def stop_if_not_finite(loss: float, stage: str, step: int) -> None:
-    """A NaN or infinite loss means the run is broken: stop before anything is saved."""
+def stop_if_not_finite(loss: float, stage: str, step: int, learned: bool = True) -> None:
+    """A NaN or infinite loss means the run is broken: stop before anything is saved. Before the
+    first update (or with nothing `learned`) the model itself is to blame, not the lr."""
     if not math.isfinite(loss):
-        raise UsageError(f"{stage} step {step}: the loss is {loss}; stopped, nothing saved "
-                         "(try a lower --lr, or float32/bfloat16 rather than float16)")
+        fix = ("the model's own forward is not finite: check its weights, or use float32/bfloat16 rather than "
+               "float16" if step == 1 or not learned else "try a lower --lr, or float32/bfloat16 rather than float16")
+        raise UsageError(f"{stage} step {step}: the loss is {loss}; stopped, nothing saved ({fix})")
 
 
 IMPORTANCE_BATCHES = 32
@@ -542,20 +456,19 @@ IMPORTANCE_BATCHES = 32
 
 def importance_scores(model, units: Units, data: torch.Tensor, budget: int, batch_size: int = 1,
                       kv_floor: int = 1) -> torch.Tensor:
-    """Informed initial scores (--init importance) instead of all zeros. A unit's importance is
-    the empirical Fisher of its gate, mean (dL/dg)^2 with every unit kept over the first
-    IMPORTANCE_BATCHES calibration batches: the usual estimate of how much the loss rises when
-    the unit is removed (as in Fisher pruning). Divided by the unit's parameter cost (loss per
-    parameter makes FFN units and KV groups comparable), on a log scale, standardized, and
-    shifted so the best unit left out of the first mask sits at 0, where the straight-through
-    gradient is largest."""
+    """Initial scores (--init importance): the empirical Fisher of each gate, mean (dL/dg)^2 over the
+    first IMPORTANCE_BATCHES batches with every unit kept (the loss's rise when the unit goes, to second
+    order), per parameter of the unit, on a log scale, standardized, and shifted so the best unit left
+    out of the first mask sits at 0, where the straight-through gradient is largest."""
     device = input_device(model)
     fisher = torch.zeros(units.count, device=device)
     values = torch.ones(units.count, device=device, requires_grad=True)
     batches = data.split(batch_size)[:IMPORTANCE_BATCHES]
     with gated(model, units) as gates:
-        for batch in tqdm(batches, desc="unit importance"):
-            (grad,) = torch.autograd.grad(calibration_loss(model, gates, values, batch), values)
+        for step, batch in enumerate(tqdm(batches, desc="unit importance"), 1):
+            loss = calibration_loss(model, gates, values, batch)
+            stop_if_not_finite(loss.item(), "unit importance", step, learned=False)
+            (grad,) = torch.autograd.grad(loss, values)
             fisher += grad.square() / len(batches)
     costs = units.costs(device)
     log_ratio = (fisher / costs).clamp_min(torch.finfo(torch.float32).tiny).log()
@@ -568,9 +481,8 @@ def importance_scores(model, units: Units, data: torch.Tensor, budget: int, batc
 
 @contextlib.contextmanager
 def activation_checkpointing(model, enabled: bool):
-    """Recompute each decoder layer's activations in the backward pass instead of storing them
-    (transformers' gradient checkpointing): memory for compute. transformers checkpoints only
-    layers in training mode, so only the layers' own flag is set; dropout stays off."""
+    """Recompute each layer's activations in the backward pass: memory for compute. transformers
+    checkpoints only layers in training mode, so only their own flag is set (dropout stays off)."""
     if not enabled:
         yield
         return
@@ -588,10 +500,9 @@ def train_gates(
     model, units: Units, data: torch.Tensor, budget: int, recipe: Recipe,
     scores: torch.Tensor | None = None, targets: Targets | None = None, project=project_to_budget,
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Learn one score per unit under the global budget; the backbone stays frozen. Scores start
-    at `scores` (default: all 0, the paper's); the loss distills `targets` when given, else it is
-    the LM loss. `project` maps scores to the hard mask (the ablations swap in other rules).
-    Returns the final scores and, per step, the loss, the kept cost and how many units flipped."""
+    """Learn one score per unit under the global budget, from `scores` (default 0, the paper's), on
+    the distillation loss given `targets`, else the LM loss; `project` maps scores to the hard mask.
+    Returns the scores and, per step, the loss, the kept cost and how many units flipped."""
     device = input_device(model)
     costs = units.costs(device)
     scores = (torch.zeros(units.count, device=device) if scores is None else scores.clone()).requires_grad_()
@@ -619,10 +530,7 @@ def train_gates(
     return scores.detach(), history
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. Scaling calibration: one bounded factor per kept unit, mask fixed
-
-
+# ---- 7. Scaling calibration: one bounded factor per kept unit, mask fixed ------------------------
 def scale_values(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Gate values of the calibrated model: 1 + 0.5 * tanh(t) on kept units, 0 elsewhere."""
     return mask * (1.0 + 0.5 * torch.tanh(t))
@@ -630,9 +538,8 @@ def scale_values(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor, recipe: Recipe,
                      targets: Targets | None = None) -> torch.Tensor:
-    """One epoch over the per-unit scales with the mask fixed, on the loss of gate training.
-    Returns the gate values to fold into the weights. A pruned unit's t gets zero gradient and
-    stays at 0. The kept set, hence the parameter count, does not change: budget-preserving."""
+    """One epoch over the per-unit scales, mask fixed, on gate training's loss: the gate values to
+    fold into the weights. The kept set, hence the parameter count, does not change."""
     mask = mask.float()
     t = torch.zeros(units.count, device=mask.device, requires_grad=True)
     optimizer = torch.optim.AdamW([t], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -650,10 +557,7 @@ def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor
     return scale_values(mask, t).detach()
 
 
-# ----------------------------------------------------------------------------------------------
-# 8. Folding and slicing into a smaller dense model
-
-
+# ---- 8. Folding and slicing into a smaller dense model ------------------------------------------
 def head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
     """Row indices of the given heads in a projection with `rows_per_head` rows per head."""
     return (heads[:, None] * rows_per_head + torch.arange(rows_per_head, device=heads.device)).flatten()
@@ -666,14 +570,11 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
     kv_kept = kv_gate.nonzero().flatten()
     q_width = units.heads_per_group * units.head_dim
     index = {"ffn": ffn_kept, "kv": head_rows(kv_kept, units.head_dim), "q": head_rows(kv_kept, q_width)}
-    fold = {
-        "mlp.down_proj.weight": ffn_gate[ffn_kept],
-        "self_attn.o_proj.weight": kv_gate[kv_kept].repeat_interleave(q_width),
-    }
-    # Under accelerate dispatch (--device-map) the layer carries a hook that runs it on its
-    # execution device, and an offloaded layer (CPU or disk) keeps its weights in its hooks.
-    # The sliced layer goes where the dense one was: on its device, or offloaded to CPU memory
-    # (never moved onto an accelerator that had no room for it).
+    fold = {"mlp.down_proj.weight": ffn_gate[ffn_kept],
+            "self_attn.o_proj.weight": kv_gate[kv_kept].repeat_interleave(q_width)}
+    # Under accelerate dispatch (--device-map) the layer carries a hook that runs it on its execution
+    # device, and an offloaded layer (CPU or disk) keeps its weights in its hooks. The sliced layer goes
+    # where the dense one was: on its device, or offloaded to CPU memory (never onto a full accelerator).
     offloaded = any(p.device.type == "meta" for p in layer.parameters())
     if offloaded:
         from accelerate.utils.modeling import get_state_dict_offloaded_model
@@ -707,15 +608,13 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
 
 
 def slice_model(model, units: Units, gate: torch.Tensor):
-    """Replace every decoder layer by its sliced twin, in place, and record the per-layer
-    shapes in the config (transformers' `per_layer_config`). The model becomes an instance of
-    the modeling file's class that reads them, so it runs right away and every save_pretrained
-    of it writes a checkpoint that loads (the file travels with it, named in `auto_map`)."""
+    """Replace every decoder layer by its sliced twin, in place, record the shapes in the config's
+    `per_layer_config`, and make the model an instance of modeling_grasprune's class that reads them."""
     config = model.config
     kept_ffn = units.ffn(gate).count_nonzero(1).tolist()
     kept_kv = units.kv(gate).count_nonzero(1).tolist()
-    # Qwen2 derives head_dim from num_attention_heads, which now varies per layer; and the
-    # dense classes' own __init__/validation read the global values, so they must stay readable.
+    # Qwen2 derives head_dim from num_attention_heads, which now varies per layer; and the dense
+    # classes' own __init__/validation read the global values, so they must stay readable.
     config.head_dim = units.head_dim
     config.allow_global_per_layer_attribute_access = True
     config.per_layer_config = {
@@ -729,22 +628,35 @@ def slice_model(model, units: Units, gate: torch.Tensor):
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# 9. The method in one call
+# ---- 9. The method in one call ------------------------------------------------------------------
+def check_inputs(model, data, sparsity: float, recipe: Recipe) -> Units:
+    """prune()'s preconditions, each refused with a UsageError that names it, before the model is
+    touched: the recipe, a supported dense model, the budget, and token ids the model can read."""
+    recipe.validate()
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise UsageError(f"model type {model.config.model_type!r} is not supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    units = find_units(model)
+    budget_for(in_blocks(units, recipe.ffn_multiple), sparsity, recipe.kv_floor)
+    if not isinstance(data, torch.Tensor) or data.dtype not in (torch.long, torch.int) or data.dim() != 2:
+        shape = f"a {data.dim()}-D {data.dtype} tensor" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise UsageError(f"data must be a 2-D int64 tensor of token ids (sequences x tokens), got {shape}")
+    if data.shape[0] == 0:
+        raise UsageError("data holds no calibration sequence")
+    check_sequence_length(data.shape[1], model.config)
+    if data.min() < 0 or data.max() >= model.config.vocab_size:
+        raise UsageError(f"data holds token ids outside the model's vocabulary (0 to {model.config.vocab_size - 1}): "
+                         f"{int(data.min())} to {int(data.max())}")
+    return units
 
 
 def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Recipe(), *,
           gradient_checkpointing: bool = False, evaluate: Callable | None = None,
           project=project_to_budget) -> tuple[torch.nn.Module, dict]:
-    """GRASPrune on a loaded model, which is pruned in place and returned with a report.
-
-    `data` holds the calibration token ids, (N, L) (`calibration_batches` or
-    `sample_from_model`). Steps 3 to 8: units and budget, the dense model's targets (kd),
-    starting scores, gate training, the final mask, scaling calibration, slicing. `evaluate`,
-    if given, is called on the dense, the masked (before scaling) and the pruned model and its
-    results land in report["eval"]; `project` is the mask rule (the ablations swap in others).
-    """
-    recipe.validate()
+    """GRASPrune (steps 3 to 8) on a loaded model, which is frozen, pruned in place and returned with a
+    report; bad input raises UsageError before the model is touched. `data`: (N, L) calibration token
+    ids. `evaluate(model)`, if given, scores the dense, masked and pruned model; `project`: the mask rule."""
+    units = check_inputs(model, data, sparsity, recipe)
+    model.eval().requires_grad_(False)  # only the scores train: no weight gradient is ever allocated
     timings, memory, evaluations, clock = {}, {}, {}, time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -753,7 +665,6 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
         memory[stage] = peak_memory_gib()
         clock = time.perf_counter()
 
-    units = find_units(model)
     budget = budget_for(in_blocks(units, recipe.ffn_multiple), sparsity, recipe.kv_floor)  # the final mask's
     costs = units.costs(input_device(model))
     before = model_summary(model)
@@ -789,46 +700,22 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
     if evaluate:
         evaluations["pruned"] = evaluate(model)
         lap("eval_pruned")
+    tenth = history[-max(1, len(history) // 10):]
     return model, {
-        "sparsity": sparsity,
-        "recipe": dataclasses.asdict(recipe),
-        "units": dataclasses.asdict(units),
-        "budget": budget,
-        "before": before,
-        "after": after,
+        "sparsity": sparsity, "recipe": dataclasses.asdict(recipe), "units": dataclasses.asdict(units),
+        "budget": budget, "before": before, "after": after,
         "parameters_removed": 1 - after["parameters"] / before["parameters"],
         "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
-        "steps": len(history),
-        "final_flips": history[-1]["flips"],
-        "mean_flips_last_tenth": late_flips(history),
-        "final_loss": history[-1]["loss"],
-        "layers": layer_table(model, units),
-        "eval": evaluations,
-        "seconds": timings,
-        "peak_memory_gib": memory,
+        "steps": len(history), "final_flips": history[-1]["flips"], "final_loss": history[-1]["loss"],
+        "mean_flips_last_tenth": sum(h["flips"] for h in tenth) / len(tenth),  # has the mask settled?
+        "layers": layer_table(model, units), "eval": evaluations, "seconds": timings, "peak_memory_gib": memory,
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# 10. Reporting and saving
-
-
-def late_flips(history: list[dict]) -> float:
-    """Mean units flipped per step over the last tenth of gate training: has the mask settled?"""
-    tenth = max(1, len(history) // 10)
-    return sum(h["flips"] for h in history[-tenth:]) / tenth
-
-
-def kv_width_of(layer) -> int:
-    """Rows of a decoder layer's k_proj (0 when the layer has no attention left)."""
-    k_proj = getattr(layer.self_attn, "k_proj", None)
-    return 0 if k_proj is None else k_proj.out_features
-
-
+# ---- 10. Reporting and saving -------------------------------------------------------------------
 def peak_memory_gib() -> dict[str, float]:
-    """Peak memory since the previous call: tensors allocated on each GPU in use, and the
-    process's resident CPU memory (Linux; the OS keeps no resettable peak, so this one is the
-    peak since the start)."""
+    """Peak memory since the previous call: tensors on each GPU in use, and the process's resident
+    CPU memory (Linux keeps no resettable peak, so this one is the peak since the start)."""
     peaks = {}
     for i in range(torch.cuda.device_count() if torch.cuda.is_initialized() else 0):
         if torch.cuda.max_memory_allocated(i):
@@ -838,12 +725,15 @@ def peak_memory_gib() -> dict[str, float]:
     return peaks
 
 
+def kv_width_of(layer) -> int:
+    """Rows of a decoder layer's k_proj (0 when the layer has no attention left)."""
+    k_proj = getattr(layer.self_attn, "k_proj", None)
+    return 0 if k_proj is None else k_proj.out_features
+
+
 def model_summary(model) -> dict:
-    """Parameter counts (tied tensors once), prunable parameters (those owned by units) and
-    KV-cache bytes per token of a dense or pruned model."""
-    prunable = sum(
-        p.numel() for layer in model.model.layers for n, p in layer.named_parameters() if n in UNIT_SLICES
-    )
+    """Parameters (tied ones once), prunable parameters and KV-cache bytes per token."""
+    prunable = sum(p.numel() for layer in model.model.layers for n, p in layer.named_parameters() if n in UNIT_SLICES)
     kv_width = sum(kv_width_of(layer) for layer in model.model.layers)
     return {"parameters": sum(p.numel() for p in model.parameters()), "prunable_parameters": prunable,
             "kv_cache_bytes_per_token": 2 * kv_width * model.dtype.itemsize}
@@ -851,13 +741,10 @@ def model_summary(model) -> dict:
 
 def layer_table(model, units: Units) -> list[dict]:
     """Kept FFN channels, KV groups and query heads of every layer, with its parameters."""
-    rows = []
-    for i, layer in enumerate(model.model.layers):
-        kv = kv_width_of(layer) // units.head_dim
-        rows.append({"layer": i, "ffn_channels": layer.mlp.gate_proj.out_features, "kv_groups": kv,
-                     "query_heads": kv * units.heads_per_group,
-                     "parameters": sum(p.numel() for p in layer.parameters())})
-    return rows
+    return [{"layer": i, "ffn_channels": layer.mlp.gate_proj.out_features,
+             "kv_groups": kv_width_of(layer) // units.head_dim,
+             "query_heads": kv_width_of(layer) // units.head_dim * units.heads_per_group,
+             "parameters": sum(p.numel() for p in layer.parameters())} for i, layer in enumerate(model.model.layers)]
 
 
 def print_report(report: dict) -> None:
@@ -877,7 +764,7 @@ def print_report(report: dict) -> None:
           + ", ".join(f"{device} {gib:.2f} GiB" for device, gib in report["peak_memory_gib"]["gate_training"].items()))
     for name, q in report["eval"].items():
         print(f"[grasprune] {name:>6}: WikiText-2 test perplexity {q['perplexity']:.2f}, decode "
-              f"{q['decode_tokens_per_s']:.1f} tokens/s, {EVAL_PROMPT!r} -> {q['continuation']!r}")
+              f"{q['decode_tokens_per_s']:.1f} tokens/s, {q['prompt']!r} -> {q['continuation']!r}")
 
 
 @contextlib.contextmanager
@@ -897,14 +784,12 @@ def gguf_beside(output: Path, outtype: str) -> Path:
     return output.with_name(f"{output.name}-{outtype}.gguf")
 
 
-def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool = False,
-                    gguf: str | None = None, gguf_tokenizer: str | None = None) -> dict | None:
-    """Write the sliced model (with modeling_grasprune.py, by save_pretrained), tokenizer and
-    report into a temporary folder beside `output`, then move it into place: an interrupted or
-    failed run leaves no half checkpoint. Given a `gguf` type, also `<output>-<type>.gguf` for
-    llama.cpp (export_gguf.py), moved into place with it; returns what the export wrote."""
+def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool = False) -> None:
+    """Write model (with modeling_grasprune.py), tokenizer and report into a temporary folder, then
+    move it into place: no half checkpoint, ever. Should `output` be taken meanwhile, the checkpoint
+    is kept beside it and the error says where."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp, exported = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent)), None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -914,65 +799,51 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
         model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         (tmp / "grasprune_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if gguf:
-            import export_gguf
-
-            exported = export_gguf.write_gguf(model, tokenizer, tmp / "model.gguf", gguf, gguf_tokenizer)
         with signals_held():
-            if output.exists() and overwrite:
+            if overwrite and output.is_dir():
                 shutil.rmtree(output)
-            tmp.rename(output)
-            if gguf:
-                exported["path"] = str(gguf_beside(output, gguf))
-                (output / "model.gguf").replace(exported["path"])
+            try:
+                tmp.rename(output)
+            except OSError as err:  # appeared during the run: hours of work are not thrown away
+                kept = output.with_name(f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                tmp.rename(kept)
+                raise UsageError(f"cannot write {output} ({cause_of(err)}); the checkpoint is saved as {kept}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return exported
 
 
-@torch.inference_mode()
-def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1,
-               limit_windows: int | None = None) -> float:
-    """exp of the mean next-token NLL over the non-overlapping `seq_len`-token windows of `text`
-    (the SparseGPT/Wanda protocol; eval.py's too). `text` is tokenized once with the tokenizer's
-    default special tokens (a LLaMA tokenizer puts one BOS at the very start); `seq_len` is
-    capped at the model's context length; `limit_windows` keeps only the first windows."""
-    seq_len = min(seq_len, model.config.max_position_embeddings)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n_windows = ids.numel() // seq_len
-    if limit_windows is not None:
-        n_windows = min(n_windows, limit_windows)
-    if n_windows == 0:
-        raise UsageError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len).to(input_device(model))
-    nll = 0.0
-    for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({seq_len}-token windows)"):
-        logits = model(batch).logits[:, :-1].float()
-        targets = batch[:, 1:].to(logits.device)  # under --device-map the LM head may sit elsewhere
-        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-    # every window predicts seq_len - 1 tokens, so this is also the mean of per-window means
-    return math.exp(nll / (n_windows * (seq_len - 1)))
+# ---- 11. Command line ---------------------------------------------------------------------------
+def run_cli(prog: str, work: Callable[[], object]) -> int:
+    """The error boundary of the three command lines (grasprune.py, eval.py, export_gguf.py): a
+    UsageError becomes one line `<prog>: error: ...` and exit code 2, Ctrl-C exit code 130."""
+    try:
+        code = work()
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
-EVAL_PROMPT = "The capital of France is"
-
-
-def quality(model, tokenizer, text: str, windows: int | None) -> dict:
-    """--eval: WikiText-2 test perplexity (2048-token windows), and one prompt's greedy
-    continuation with its decode speed (batch 1), to see what pruning did."""
-    ppl = perplexity(model, tokenizer, text, seq_len=2048, limit_windows=windows)
-    prompt = tokenizer(EVAL_PROMPT, return_tensors="pt").input_ids.to(input_device(model))
-    start = time.perf_counter()
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
-                         min_new_tokens=32, pad_token_id=tokenizer.eos_token_id)
-    seconds = time.perf_counter() - start
-    return {"perplexity": ppl, "decode_tokens_per_s": 32 / seconds,
-            "continuation": tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)}
-
-
-# ----------------------------------------------------------------------------------------------
-# 11. Command line
+def check_output(path: Path, overwrite: bool, folder: bool, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse, before any work, an output that exists (unless `overwrite`), is of the wrong kind,
+    cannot be written, or would replace one of the `inputs`."""
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"{path} is a {'folder' if path.is_dir() else 'file'}; the output is a "
+                         f"{'folder' if folder else 'file'}")
+    parent = path.absolute().parent
+    while folder and not parent.exists():  # save_checkpoint makes a checkpoint folder's parents
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: {parent} is not a writable folder")
+    for source in filter(None, inputs):
+        if path.resolve() == Path(source).resolve() or path.resolve() in Path(source).resolve().parents:
+            raise UsageError(f"{path} would replace the input {source}; choose another output")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -983,23 +854,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except an unset one (None, a flag's False): their help
-    says what happens without them."""
+    """Shows each option's default, except an unset one (None, a flag's False)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recipe]:
-    """The command line's settings, and the recipe they make (the defaults, or with --paper the
-    paper's, with any recipe option given on top)."""
+    """The command line's settings, and their recipe (the defaults or --paper's, options on top)."""
     default, paper = Recipe(), Recipe.paper()
     p = ArgumentParser(prog="grasprune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters to remove")
     p.add_argument("--output", help="output folder (default: <model name>-grasprune-s<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--calib", default="wikitext2", help="wikitext2, ptb, c4, self (sampled from the model) or a .txt/.jsonl/.parquet file")
+    p.add_argument("--calib", default="wikitext2",
+                   help="wikitext2, ptb, c4, self (sampled from the model) or a .txt/.jsonl/.parquet file")
     p.add_argument("--calib-split", default="train", help="split of the calibration corpus")
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data (no network)")
     p.add_argument("--nsamples", type=int, default=512, help="calibration sequences")
@@ -1021,7 +891,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
                             help=f"{text} ({getattr(default, name)} / {getattr(paper, name)})")
     recipe.add_argument("--no-rescale", dest="rescale", action="store_false", default=None,
                         help="skip the scaling calibration")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, more time")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of calibration windows (and sampling)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
@@ -1030,39 +900,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     p.add_argument("--eval-windows", type=int, help="with --eval: only the first N 2048-token windows (quick runs)")
     p.add_argument("--gguf", choices=("f32", "f16", "bf16", "q8_0"), help="also write a GGUF file for llama.cpp")
     args = p.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name, None) is not None}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
     recipe = dataclasses.replace(paper if args.paper else default, **given)
     recipe.validate()
-    for name in ("nsamples", "seq_len") + (("eval_windows",) if args.eval_windows is not None else ()):
+    for name in ("nsamples",) + (("eval_windows",) if args.eval_windows is not None else ()):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.output is None:  # only a .gguf suffix goes: Llama-3.2-1B is not Llama-3
         args.output = f"{Path(args.model.rstrip('/')).name.removesuffix('.gguf')}-grasprune-s{args.sparsity}"
-    gguf_file = gguf_beside(Path(args.output), args.gguf)
-    for path in (Path(args.output), *((gguf_file,) if args.gguf else ())):
-        if path.exists() and not args.overwrite:
-            raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    inputs = (args.model, args.calib, args.data_dir)
+    check_output(Path(args.output), args.overwrite, folder=True, inputs=inputs)
+    if args.gguf:
+        check_output(gguf_beside(Path(args.output), args.gguf), args.overwrite, folder=False, inputs=inputs)
     return args, recipe
 
 
 def run(args: argparse.Namespace, recipe: Recipe) -> dict:
-    """The command line's whole run: everything that can be refused is refused before the
-    weights load; then calibrate, prune, report and save. Returns the saved report."""
+    """Refuse what can be refused before the weights load; then calibrate, prune, report and save."""
+    import export_gguf
+    from eval import load_text, quality  # the companion script reads the corpora and scores --eval
+
     torch.manual_seed(args.seed)
     resolve_device_dtype(args.device, args.dtype)
     config = load_config(args.model)
+    check_sequence_length(args.seq_len, config)
     budget_for(in_blocks(units_of_config(config), recipe.ffn_multiple), args.sparsity, recipe.kv_floor)
     if args.gguf:
-        import export_gguf
-
-        try:
-            export_gguf.check_exportable(config)
-        except export_gguf.ExportError as err:
-            raise UsageError(str(err))
+        export_gguf.check_exportable(config)
     text = None if args.calib == "self" else load_text(args.calib, args.calib_split, args.data_dir)
     eval_text = load_text("wikitext2", "test", args.data_dir) if args.eval else None
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
+    gguf_tokenizer = args.model if args.model.endswith(".gguf") else None  # carried over unchanged
+    if args.gguf and gguf_tokenizer is None:
+        export_gguf.tokenizer_spec(tokenizer, config.vocab_size)  # refused now, not after the run
     if text is None:
         data = sample_from_model(model, tokenizer, args.nsamples, args.seq_len, args.seed)
     else:
@@ -1081,31 +952,24 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     } | pruned
     report["seconds"] = {"load_and_calibration_data": loading} | report["seconds"]
     print_report(report)
-    gguf_tokenizer = args.model if args.model.endswith(".gguf") else None  # carried over unchanged
-    exported = save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite, args.gguf, gguf_tokenizer)
+    save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
     print(f"[grasprune] saved {args.output}")
-    if exported:
-        others = exported["matrices_not_in_outtype"]
-        print(f"[grasprune] wrote {exported['path']} ({exported['bytes'] / 2**20:.1f} MiB); " + (
-            f"{len(others)} matrices stayed f16: their rows are not whole blocks of 32 (--ffn-multiple 32 aligns "
-            "every FFN width)" if others else f"every matrix {args.gguf}"))
+    if args.gguf:  # written whole or not at all, once the checkpoint is safe
+        written = export_gguf.write_gguf(model, tokenizer, gguf_beside(Path(args.output), args.gguf), args.gguf,
+                                         gguf_tokenizer)
+        print(f"[grasprune] {export_gguf.describe(written)}")
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(*parse_args(argv))
-    except UsageError as err:
-        print(f"grasprune: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("grasprune: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("grasprune", lambda: run(*parse_args(argv)))
 
 
 if __name__ == "__main__":
-    # SIGTERM (timeout, kill, Slurm, docker stop) unwinds like Ctrl-C, so the temporary folder
-    # of a checkpoint being saved is removed; the exit status stays the conventional 128 + 15.
+    # The running file is the `grasprune` module that eval.py and export_gguf.py import: one module,
+    # one UsageError class (a second copy's refusals would escape this one's boundary as tracebacks).
+    sys.modules["grasprune"] = sys.modules[__name__]
+    # SIGTERM (timeout, kill, Slurm, docker stop) unwinds like Ctrl-C, so the temporary folder of a
+    # checkpoint being saved is removed; the exit status stays the conventional 128 + 15.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

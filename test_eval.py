@@ -42,7 +42,8 @@ needs_data = pytest.mark.skipif(not (DATA / "piqa").is_dir(), reason=f"no evalua
 # labels and 3 or 5 choices, non-ASCII choices (characters vs bytes in acc_norm), a trailing space.
 DOCS = {
     "piqa": [
-        {"goal": "How do I keep bread fresh?", "sol1": "Put it in a paper bag.", "sol2": "Put it in water.", "label": 0},
+        {"goal": "How do I keep bread fresh?", "sol1": "Put it in a paper bag.", "sol2": "Put it in water.",
+         "label": 0},
         {"goal": "Make café au lait ", "sol1": "Mix coffee and hot milk.", "sol2": "Mix crème and ice.", "label": 0},
         {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Twist the jar's bottom hard.", "label": 1},
     ],
@@ -300,16 +301,15 @@ def test_a_disk_offloaded_model_scores_as_in_memory(bpe_tokenizer, tmp_path):
     text = "\n\n".join(WIKI_ROWS)
     assert ev.perplexity(offloaded, bpe_tokenizer, text, 32) == ev.perplexity(model, bpe_tokenizer, text, 32)
     requests = [pair for doc in DOCS["hellaswag"] for pair in reference_requests("hellaswag", doc)[0]]
-    assert ev.loglikelihoods(offloaded, bpe_tokenizer, requests, 4) == ev.loglikelihoods(model, bpe_tokenizer, requests, 4)
+    want = ev.loglikelihoods(model, bpe_tokenizer, requests, 4)
+    assert ev.loglikelihoods(offloaded, bpe_tokenizer, requests, 4) == want
 
-def test_unreachable_task_data_fails_alone_with_a_fix(bpe_tokenizer, tmp_path, monkeypatch, capsys):
-    model = tiny_llama(len(bpe_tokenizer))
+def test_unreachable_task_data_is_refused_before_any_scoring_with_a_fix(bpe_tokenizer, tmp_path, monkeypatch):
     data_dir = write_data_dir(tmp_path, tasks=["piqa", "arc_easy"])
-    results = ev.zero_shot(model, bpe_tokenizer, TASKS, str(data_dir), limit=None, batch_size=4)
-    assert results["piqa"]["n"] == 3 and results["arc_easy"]["n"] == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 3 and all("--data-dir" in line and "shared/data" in line for line in errors)
-    assert {t for t, r in results.items() if "error" in r} == {"winogrande", "hellaswag", "arc_challenge"}
+    data = ev.load_data(("piqa", "arc_easy"), (), str(data_dir))
+    assert [len(data["docs"]["piqa"]), len(data["docs"]["arc_easy"])] == [3, 2]
+    with pytest.raises(grasprune.UsageError, match=r"winogrande: .* not found; --data-dir must be laid out like"):
+        ev.load_data(TASKS, (), str(data_dir))
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
@@ -349,8 +349,9 @@ def test_shards_joined_equal_the_whole_run(bpe_tokenizer):
     of one run over all 14; a shard with no items is an error of its task alone."""
     model = tiny_llama(len(bpe_tokenizer))
     tasks = ("piqa", "arc_easy")
-    whole = ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=14, batch_size=4)
-    shards = [ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=14, batch_size=4, shard=(i, 3))
+    docs = ev.load_data(tasks, (), str(DATA))["docs"]
+    whole = ev.zero_shot(model, bpe_tokenizer, docs, limit=14, batch_size=4)
+    shards = [ev.zero_shot(model, bpe_tokenizer, docs, limit=14, batch_size=4, shard=(i, 3))
               for i in (1, 2, 3)]
     assert [s["piqa"]["items"] for s in shards] == [[0, 4], [4, 9], [9, 14]]
     assert {s[task]["of"] for s in shards for task in tasks} == {14}
@@ -365,7 +366,7 @@ def test_shards_joined_equal_the_whole_run(bpe_tokenizer):
     assert ev.join_shards([older, shards[1]["piqa"], shards[2]["piqa"]])["of"] == 14
     with pytest.raises(ValueError, match="different item lists"):
         ev.join_shards([shards[0]["piqa"], shards[1]["piqa"] | {"of": 15}, shards[2]["piqa"]])
-    empty = ev.zero_shot(model, bpe_tokenizer, tasks, str(DATA), limit=2, batch_size=4, shard=(1, 3))
+    empty = ev.zero_shot(model, bpe_tokenizer, docs, limit=2, batch_size=4, shard=(1, 3))
     assert "is empty" in empty["piqa"]["error"] and "is empty" in empty["arc_easy"]["error"]
 
 
@@ -383,9 +384,10 @@ def test_cli_refuses_a_bad_shard(argv, message, tmp_path, capsys):
 @needs_data
 def test_smollm2_end_to_end_on_real_data(smollm2):
     model, tokenizer = smollm2
-    result = ev.evaluate(model, tokenizer, data_dir=str(DATA), seq_len=256, limit=3, batch_size=8)
+    result = ev.evaluate(model, tokenizer, ev.load_data(tuple(TASKS), ("wikitext2",), str(DATA)), seq_len=256, limit=3,
+                         batch_size=8)
     assert result["errors"] == {}
-    text = grasprune.load_text("wikitext2", "test", str(DATA))
+    text = ev.load_text("wikitext2", "test", str(DATA))
     ppl = result["perplexity"]["wikitext2"]["ppl"]
     assert ppl == pytest.approx(reference_perplexity(model, tokenizer, text, 256, windows=3), rel=1e-4)
     assert 5 < ppl < 60  # a working 135M model, not noise (vocabulary of 49152)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
+import eval as evaluation
 import export_gguf
 import grasprune
 from conftest import (
@@ -351,7 +352,7 @@ def test_llama_cpp_on_pruned_smollm2_matches_on_wikitext(tmp_path):
     gate = random_gate(units, seed=9)
     units.kv(gate)[4] = 0.0
     grasprune.slice_model(model, units, gate)
-    text = grasprune.load_text("wikitext2", "test", str(DATA))[:6000]
+    text = evaluation.load_text("wikitext2", "test", str(DATA))[:6000]
     (tmp_path / "text.txt").write_text(text)
     export_gguf.write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     tokens, theirs = llama_cpp_log_probs(tmp_path / "m.gguf", tmp_path / "text.txt", 512)

@@ -10,7 +10,8 @@ zero-shot accuracy and its cost.
 A row is a "+"-joined list of changes to the paper's recipe ("published": none): init (Fisher
 starting scores), kd (self-distillation), kv-floor-0, no-rescale, mN (FFN units of N channels),
 kN (distillation keeps the dense model's top N tokens), and the paper's own ablation rules
-uniform, ffn-only, kv-only, per-parameter. Selection is by held-out perplexity (PTB validation by default: no overlap with the WikiText-2 calibration text);
+uniform, ffn-only, kv-only, per-parameter. Selection is by held-out perplexity (PTB validation by default:
+no overlap with the WikiText-2 calibration text);
 the WikiText-2 test columns are reported, never used to choose. Rows append to --output as they
 finish (JSON lines), so an interrupted sweep keeps what it measured.
 """
@@ -93,7 +94,8 @@ def measure(model, tokenizer, texts: dict, args) -> dict:
     row = {name: evaluation.perplexity(model, tokenizer, text, 2048, limit_windows=windows)
            for name, (text, windows) in texts.items()}
     if args.limit:
-        tasks = evaluation.zero_shot(model, tokenizer, tuple(evaluation.TASKS), args.data_dir, args.limit, 16)
+        docs = evaluation.load_data(tuple(evaluation.TASKS), (), args.data_dir)["docs"]
+        tasks = evaluation.zero_shot(model, tokenizer, docs, args.limit, 16)
         row["zero_shot"] = {task: r[r["metric"]] for task, r in tasks.items()}
         row["zero_shot_mean"] = evaluation.mean_of_tasks(tasks)["value"]
     return row
@@ -181,15 +183,15 @@ def main() -> None:
         print(table([json.loads(line) for line in Path(args.table).read_text().splitlines()]))
         return
     held_out_corpus, held_out_split = args.held_out.split(":")
-    texts = {"held_out": (grasprune.load_text(held_out_corpus, held_out_split, args.data_dir), args.held_out_windows),
-             "test": (grasprune.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
+    texts = {"held_out": (evaluation.load_text(held_out_corpus, held_out_split, args.data_dir), args.held_out_windows),
+             "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
     rows = []
     if args.checkpoints:
         _, tokenizer = grasprune.load_model(args.checkpoints[0], args.device, args.dtype)
         jobs = [(path, lambda path=path: checkpoint_row(path, tokenizer, texts, args)) for path in args.checkpoints]
     else:
         dense, tokenizer = grasprune.load_model(args.model, args.device, args.dtype)
-        calibration = grasprune.load_text("wikitext2", "validation", args.data_dir)
+        calibration = evaluation.load_text("wikitext2", "validation", args.data_dir)
         data = grasprune.calibration_batches(tokenizer, calibration, args.nsamples, args.seq_len, args.seed)
         jobs = [(name, lambda name=name: run_row(name, dense, tokenizer, data, texts, args))
                 for name in args.rows.split(",")]

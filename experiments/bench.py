@@ -79,7 +79,8 @@ def overhead(args) -> None:
     model, _ = grasprune.load_model(args.model, args.device, args.dtype)
     units = grasprune.find_units(model)
     budget = grasprune.budget_for(units, 0.5)
-    data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(0))
+    seed = torch.Generator().manual_seed(0)
+    data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=seed)
     scores = torch.randn(units.count, device=model.device)
     costs = units.costs(model.device)
 
@@ -127,7 +128,8 @@ def recipes(args) -> None:
     with the memory the targets take here and would take for LLaMA-2-7B."""
     model, _ = grasprune.load_model(args.model, args.device, args.dtype)
     device = grasprune.input_device(model)
-    data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=torch.Generator().manual_seed(0))
+    seed = torch.Generator().manual_seed(0)
+    data = torch.randint(model.config.vocab_size, (args.steps, args.seq_len), generator=seed)
     default = dataclasses.replace(Recipe(), epochs=1)
     units = grasprune.find_units(model)
     budget = grasprune.budget_for(units, 0.5)
@@ -256,7 +258,8 @@ def serving(args) -> None:
         print(json.dumps(serving_figures(args.models[0], args)))
         return
     rows = []
-    options = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+    options = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               "--repeats", str(args.repeats)]
     options += [x for k in ("device", "dtype") if getattr(args, k) for x in (f"--{k}", getattr(args, k))]
     for name in args.models:  # a fresh process per model, so that peak memory is its own
         cmd = [sys.executable, __file__, "serving", name, *options]
@@ -298,7 +301,8 @@ def main() -> None:
         q.add_argument("--dtype")
     args = p.parse_args()
     torch.manual_seed(0)
-    {"overhead": overhead, "recipes": recipes, "memory": memory, "widths": widths, "serving": serving}[args.command](args)
+    commands = {"overhead": overhead, "recipes": recipes, "memory": memory, "widths": widths, "serving": serving}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import eval as evaluation
 import export_gguf
 import grasprune
 
@@ -81,7 +82,7 @@ def token_agreement(ours: list[int], theirs: list[int]) -> dict:
 
 def perplexities(args) -> dict:
     args.work.mkdir(exist_ok=True)
-    text = grasprune.load_text("wikitext2", "test", args.data_dir)
+    text = evaluation.load_text("wikitext2", "test", args.data_dir)
     text_file = args.work / "wikitext-2-test.txt"
     text_file.write_text(text)
     results = {}
