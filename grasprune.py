@@ -1,12 +1,9 @@
 """GRASPrune: global gating for budgeted structured pruning of LLaMA-family LLMs.
 
-Reference implementation of Wang et al., "Global Gating for Budgeted Structured Pruning of Large
-Language Models" (ACL 2026, arXiv 2604.19398). Read top to bottom, in pipeline order: 0 the recipe,
-1 loading a frozen model, 2 calibration data, 3 prunable units and their exact costs, 4 gates,
-5 projection onto one global budget, 6 gate training (straight-through), 7 scaling calibration,
-8 slicing, 9 `prune()` (steps 3 to 8 on a loaded model), 10 reporting and saving, 11 the command line.
-
-    python grasprune.py --model meta-llama/Llama-2-7b-hf --sparsity 0.5
+Reference implementation of Wang et al. (ACL 2026, arXiv 2604.19398), in pipeline order: 0 the recipe,
+1 loading a frozen model, 2 calibration data, 3 prunable units and their exact costs, 4 gates, 5 projection
+onto one global budget, 6 gate training (straight-through), 7 scaling calibration, 8 slicing, 9 `prune()`
+(steps 3 to 8 on a loaded model), 10 reporting and saving, 11 the command line.
 """
 
 import argparse
@@ -30,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -151,6 +149,11 @@ def input_device(model) -> torch.device:
     return torch.device(hook.execution_device) if hook else embedding.weight.device
 
 
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A progress bar, shown by rank 0 alone under torchrun."""
+    return tqdm(iterable, disable=dist.is_initialized() and dist.get_rank() > 0, **kwargs)
+
+
 # ---- 2. Calibration data ------------------------------------------------------------------------
 def check_sequence_length(length: int, config) -> None:
     """Calibration sequences need a next token to predict, at positions the model was trained on."""
@@ -176,7 +179,7 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     batches = []
-    for first in tqdm(range(0, n, batch_size), desc="sampling calibration text"):
+    for first in progress(range(0, n, batch_size), desc="sampling calibration text"):
         prompt = torch.full((min(batch_size, n - first), 1), start, device=input_device(model))
         batches.append(model.generate(
             prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
@@ -266,7 +269,7 @@ def find_units(model) -> Units:
 
 
 def units_of_config(config) -> Units:
-    """find_units for a model that is not loaded: read off a weightless copy (meta device)."""
+    """find_units for a model not loaded yet, read off a weightless copy."""
     if config.is_heterogeneous:
         raise UsageError(ALREADY_PRUNED)
     with torch.device("meta"):
@@ -405,7 +408,7 @@ def log_tail_mass(top_logprobs: torch.Tensor) -> torch.Tensor:
 def teacher_targets(model, data: torch.Tensor, batch_size: int, k: int = Recipe.top_k) -> Targets:
     """The dense model's predictions on the calibration data, once, instead of at every step."""
     device, parts = input_device(model), []
-    for step, batch in enumerate(tqdm(data.split(batch_size), desc="teacher targets"), 1):
+    for step, batch in enumerate(progress(data.split(batch_size), desc="teacher targets"), 1):
         logprobs = model(input_ids=batch.to(device), use_cache=False).logits.float().log_softmax(-1)
         top, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
         if top.isnan().any():
@@ -442,6 +445,24 @@ def with_targets(data: torch.Tensor, targets: Targets | None, batch_size: int) -
     return list(zip(batches, targets.split(batch_size) if targets else [None] * len(batches)))
 
 
+def rank_share(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Data parallelism (torchrun): this rank's calibration sequences, its `batch_size` of every global
+    batch of world size x `batch_size`, so N ranks at batch b take the steps of one process at N x b."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1 and len(data) % (world * batch_size):
+        raise UsageError(f"{len(data)} calibration sequences do not split into {world} ranks x batches of {batch_size}")
+    return data.unflatten(0, (-1, world, batch_size))[:, rank].flatten(0, 1) if world > 1 else data
+
+
+def averaged(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over the data-parallel ranks, in place: every rank then holds the same gradient (and
+    loss), hence the same scores, mask and stopping step. In one process, the tensor as it is."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)  # a sum: gloo has no average
+        tensor /= dist.get_world_size()
+    return tensor
+
+
 def stop_if_not_finite(loss: float, stage: str, step: int, learned: bool = True) -> None:
     """A NaN or infinite loss means the run is broken: stop before anything is saved. Before the
     first update (or with nothing `learned`) the model itself is to blame, not the lr."""
@@ -465,11 +486,11 @@ def importance_scores(model, units: Units, data: torch.Tensor, budget: int, batc
     values = torch.ones(units.count, device=device, requires_grad=True)
     batches = data.split(batch_size)[:IMPORTANCE_BATCHES]
     with gated(model, units) as gates:
-        for step, batch in enumerate(tqdm(batches, desc="unit importance"), 1):
+        for step, batch in enumerate(progress(batches, desc="unit importance"), 1):
             loss = calibration_loss(model, gates, values, batch)
-            stop_if_not_finite(loss.item(), "unit importance", step, learned=False)
+            stop_if_not_finite(averaged(loss.detach().clone()).item(), "unit importance", step, learned=False)
             (grad,) = torch.autograd.grad(loss, values)
-            fisher += grad.square() / len(batches)
+            fisher += averaged(grad).square() / len(batches)
     costs = units.costs(device)
     log_ratio = (fisher / costs).clamp_min(torch.finfo(torch.float32).tiny).log()
     z = (log_ratio - log_ratio.mean()) / log_ratio.std()
@@ -509,17 +530,19 @@ def train_gates(
     optimizer = torch.optim.AdamW([scores], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
     batches = with_targets(data, targets, recipe.batch_size)
     history, previous = [], None
-    with gated(model, units) as gates, tqdm(total=recipe.epochs * len(batches), desc="gate training") as bar:
+    with gated(model, units) as gates, progress(total=recipe.epochs * len(batches), desc="gate training") as bar:
         for _ in range(recipe.epochs):
             for batch, target in batches:
                 hard = project(scores.detach(), costs, budget, units, recipe.kv_floor)
                 loss = calibration_loss(model, gates, straight_through(scores, hard.float(), recipe.tau), batch, target)
                 loss.backward()
+                averaged(scores.grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 # Every figure of the step in one device-to-host copy (float64 holds the costs exactly).
                 flipped = hard != (hard if previous is None else previous)
-                figures = (loss.detach(), costs[hard].sum(), flipped.sum(), units.ffn(hard).sum(), units.kv(hard).sum())
+                loss_mean = averaged(loss.detach().clone())
+                figures = (loss_mean, costs[hard].sum(), flipped.sum(), units.ffn(hard).sum(), units.kv(hard).sum())
                 loss_value, kept_cost, flips, ffn, kv = torch.stack([f.double() for f in figures]).tolist()
                 stop_if_not_finite(loss_value, "gate training", len(history) + 1)
                 previous = hard
@@ -544,13 +567,14 @@ def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor
     t = torch.zeros(units.count, device=mask.device, requires_grad=True)
     optimizer = torch.optim.AdamW([t], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
     batches = with_targets(data, targets, recipe.batch_size)
-    with gated(model, units) as gates, tqdm(total=len(batches), desc="scaling calibration") as bar:
+    with gated(model, units) as gates, progress(total=len(batches), desc="scaling calibration") as bar:
         for step, (batch, target) in enumerate(batches, 1):
             loss = calibration_loss(model, gates, scale_values(mask, t), batch, target)
             loss.backward()
+            averaged(t.grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = loss.item()  # one device-to-host copy per step
+            loss_value = averaged(loss.detach().clone()).item()  # one device-to-host copy per step
             stop_if_not_finite(loss_value, "scaling calibration", step)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             bar.update()
@@ -656,6 +680,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
     report; bad input raises UsageError before the model is touched. `data`: (N, L) calibration token
     ids. `evaluate(model)`, if given, scores the dense, masked and pruned model; `project`: the mask rule."""
     units = check_inputs(model, data, sparsity, recipe)
+    data = rank_share(data, recipe.batch_size)  # all of it in one process
     model.eval().requires_grad_(False)  # only the scores train: no weight gradient is ever allocated
     timings, memory, evaluations, clock = {}, {}, {}, time.perf_counter()
 
@@ -709,6 +734,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
         "steps": len(history), "final_flips": history[-1]["flips"], "final_loss": history[-1]["loss"],
         "mean_flips_last_tenth": sum(h["flips"] for h in tenth) / len(tenth),  # has the mask settled?
         "layers": layer_table(model, units), "eval": evaluations, "seconds": timings, "peak_memory_gib": memory,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }
 
 
@@ -767,18 +793,6 @@ def print_report(report: dict) -> None:
               f"{q['decode_tokens_per_s']:.1f} tokens/s, {q['prompt']!r} -> {q['continuation']!r}")
 
 
-@contextlib.contextmanager
-def signals_held():
-    """Hold SIGINT and SIGTERM back while the old checkpoint is swapped for the new one, so an
-    interruption leaves one whole checkpoint, never none."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-
-
 def gguf_beside(output: Path, outtype: str) -> Path:
     """Where --gguf puts the GGUF file: beside the checkpoint folder, `<output>-<type>.gguf`."""
     return output.with_name(f"{output.name}-{outtype}.gguf")
@@ -799,28 +813,33 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
         model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         (tmp / "grasprune_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        with signals_held():
-            if overwrite and output.is_dir():
-                shutil.rmtree(output)
-            try:
-                tmp.rename(output)
-            except OSError as err:  # appeared during the run: hours of work are not thrown away
-                kept = output.with_name(f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-                tmp.rename(kept)
-                raise UsageError(f"cannot write {output} ({cause_of(err)}); the checkpoint is saved as {kept}")
+        # SIGINT and SIGTERM wait while the old checkpoint is swapped for the new one: never none.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        if overwrite and output.is_dir():
+            shutil.rmtree(output)
+        try:
+            tmp.rename(output)
+        except OSError as err:  # taken during the run: hours of work are not thrown away
+            kept = output.with_name(f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            tmp.rename(kept)
+            raise UsageError(f"cannot write {output} ({cause_of(err)}); the checkpoint is saved as {kept}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 # ---- 11. Command line ---------------------------------------------------------------------------
 def run_cli(prog: str, work: Callable[[], object]) -> int:
     """The error boundary of the three command lines (grasprune.py, eval.py, export_gguf.py): a
-    UsageError becomes one line `<prog>: error: ...` and exit code 2, Ctrl-C exit code 130."""
+    UsageError becomes one line `<prog>: error: ...` and exit code 2, Ctrl-C exit code 130. Under
+    torchrun every rank sees the same input and stops alike; rank 0 alone says why."""
     try:
         code = work()
     except UsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -853,27 +872,20 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except an unset one (None, a flag's False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recipe]:
     """The command line's settings, and their recipe (the defaults or --paper's, options on top)."""
     default, paper = Recipe(), Recipe.paper()
-    p = ArgumentParser(prog="grasprune", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="grasprune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters to remove")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters to remove (0.5)")
     p.add_argument("--output", help="output folder (default: <model name>-grasprune-s<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--calib", default="wikitext2",
-                   help="wikitext2, ptb, c4, self (sampled from the model) or a .txt/.jsonl/.parquet file")
-    p.add_argument("--calib-split", default="train", help="split of the calibration corpus")
+                   help="wikitext2 (default), ptb, c4, self (sampled from the model) or a .txt/.jsonl/.parquet file")
+    p.add_argument("--calib-split", default="train", help="split of the calibration corpus (%(default)s)")
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data (no network)")
-    p.add_argument("--nsamples", type=int, default=512, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--nsamples", type=int, default=512, help="calibration sequences (%(default)s)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (%(default)s)")
     p.add_argument("--paper", action="store_true", help="the paper's recipe: --init zeros --loss lm")
     recipe = p.add_argument_group("recipe (default / with --paper)")
     for name, kind, choices, text in (
@@ -892,7 +904,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     recipe.add_argument("--no-rescale", dest="rescale", action="store_false", default=None,
                         help="skip the scaling calibration")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
-    p.add_argument("--seed", type=int, default=0, help="seeds the choice of calibration windows (and sampling)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the calibration windows (and sampling) (%(default)s)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--device-map", help="auto: spread a model too big for one GPU over all GPUs and CPU memory")
@@ -915,16 +927,36 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     return args, recipe
 
 
+def join_data_parallel(args: argparse.Namespace) -> int:
+    """Under torchrun (WORLD_SIZE > 1, on one machine or many): join the process group, take this
+    rank's GPU, and leave the console to rank 0. Returns the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 1
+    if args.device_map:
+        raise UsageError("--device-map spreads one process's model over the GPUs; under torchrun every rank holds it")
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
+    return world
+
+
 def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     """Refuse what can be refused before the weights load; then calibrate, prune, report and save."""
     import export_gguf
     from eval import load_text, quality  # the companion script reads the corpora and scores --eval
 
     torch.manual_seed(args.seed)
+    world = join_data_parallel(args)
     resolve_device_dtype(args.device, args.dtype)
     config = load_config(args.model)
     check_sequence_length(args.seq_len, config)
     budget_for(in_blocks(units_of_config(config), recipe.ffn_multiple), args.sparsity, recipe.kv_floor)
+    rank_share(torch.empty(args.nsamples, 0), recipe.batch_size)  # refused now if the ranks cannot share it
     if args.gguf:
         export_gguf.check_exportable(config)
     text = None if args.calib == "self" else load_text(args.calib, args.calib_split, args.data_dir)
@@ -951,13 +983,17 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
     } | pruned
     report["seconds"] = {"load_and_calibration_data": loading} | report["seconds"]
-    print_report(report)
-    save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
-    print(f"[grasprune] saved {args.output}")
-    if args.gguf:  # written whole or not at all, once the checkpoint is safe
-        written = export_gguf.write_gguf(model, tokenizer, gguf_beside(Path(args.output), args.gguf), args.gguf,
-                                         gguf_tokenizer)
-        print(f"[grasprune] {export_gguf.describe(written)}")
+    if not dist.is_initialized() or dist.get_rank() == 0:  # one rank writes, the others wait for it
+        print_report(report)
+        save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
+        print(f"[grasprune] saved {args.output}")
+        if args.gguf:  # written whole or not at all, once the checkpoint is safe
+            written = export_gguf.write_gguf(model, tokenizer, gguf_beside(Path(args.output), args.gguf), args.gguf,
+                                             gguf_tokenizer)
+            print(f"[grasprune] {export_gguf.describe(written)}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return report
 
 

@@ -954,6 +954,66 @@ def test_an_interrupted_run_leaves_nothing_behind(stage, signum, tiny_folder):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data parallelism: torchrun, two CPU processes on gloo
+
+
+def torchrun(*argv: str, script: str = "grasprune.py") -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 grasprune.py ...`, one thread per rank."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           script, *argv], capture_output=True, text=True, env=env, cwd=ROOT, check=False,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("switches", [[], ["--paper"]])
+def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(switches, tiny_folder):
+    """Data parallel: each rank takes its share of every batch and the gradients are averaged, so
+    2 ranks at batch 1 learn the mask and scales of 1 process at batch 2 (the defaults: teacher
+    targets and importance from each rank's share), and rank 0 alone writes."""
+    run = ["--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"), "--nsamples", "8",
+           "--seq-len", "16", "--epochs", "2", "--sparsity", "0.4", *switches]
+    proc = torchrun(*run, "--batch-size", "1", "--output", str(tiny_folder / "ranks"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert grasprune.main([*run, "--batch-size", "2", "--output", str(tiny_folder / "one")]) == 0
+    reports = [json.loads((tiny_folder / out / "grasprune_report.json").read_text()) for out in ("ranks", "one")]
+    assert [r["world_size"] for r in reports] == [2, 1] and reports[0]["steps"] == reports[1]["steps"] == 8
+    assert reports[0]["layers"] == reports[1]["layers"]
+    assert reports[0]["final_loss"] == pytest.approx(reports[1]["final_loss"], rel=1e-4, abs=1e-7)
+    ranks, one = (grasprune.load_model(str(tiny_folder / out))[0] for out in ("ranks", "one"))
+    torch.testing.assert_close(ranks(inputs()).logits, one(inputs()).logits, atol=1e-5, rtol=1e-5)
+    assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "one", "ranks", "tiny"]
+
+
+RANK_1_STOPS = """
+import os, runpy, signal, sys, torch
+if os.environ["RANK"] == "1":  # SIGTERM (a scheduler's kill) in rank 1's first step of gate training
+    torch.optim.AdamW.step = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM)
+sys.argv = ["grasprune.py", *sys.argv[1:]]
+runpy.run_path("grasprune.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("case", ["bad sparsity", "batches do not split", "rank 1 stopped"])
+def test_a_refusal_or_a_stopped_rank_under_torchrun_stops_all_and_leaves_nothing(case, tiny_folder):
+    """Bad input: one `grasprune: error:` line (rank 0's), a non-zero exit, nothing written. A rank
+    stopped mid-run stops the others (torchrun), and nothing is left behind either."""
+    run = ["--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"), "--nsamples", "4",
+           "--seq-len", "16", "--epochs", "1", "--output", str(tiny_folder / "runs" / "out")]
+    argv, message, script = {
+        "bad sparsity": (["--sparsity", "1.5"], "grasprune: error: --sparsity must lie strictly", "grasprune.py"),
+        "batches do not split": (["--nsamples", "3"], "grasprune: error: 3 calibration sequences do not split",
+                                 "grasprune.py"),
+        "rank 1 stopped": ([], None, str(tiny_folder / "stop.py")),
+    }[case]
+    (tiny_folder / "stop.py").write_text(RANK_1_STOPS)
+    proc = torchrun(*run, *argv, script=script)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("grasprune: error:")]
+    assert [line.startswith(message) for line in errors] == ([True] if message else []), proc.stderr[-3000:]
+    assert not (tiny_folder / "runs").exists() or list((tiny_folder / "runs").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
 # SmolLM2-135M (real GQA weights, tied embeddings), offline
 
 
