@@ -4,9 +4,11 @@ output must equal, not by its timings."""
 import json
 
 import pytest
+import torch
 
 import eval as evaluation
-from conftest import DATA, VOCAB, cli
+import grasprune
+from conftest import DATA, TINY, VOCAB, cli, inputs, random_gate, tiny_model
 from grasprune import Recipe
 
 
@@ -53,3 +55,61 @@ def test_report_joins_an_evaluation_run_in_parts_into_the_same_row_as_one_run(ti
     proc = cli("experiments/report.py", f"half={tiny_folder / 'ppl.json'},{tiny_folder / 'arc1.json'}")
     assert proc.returncode == 2
     assert "arc_easy: the parts score 2 of its 5 items (a --shard slice is missing)" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# experiments/recover.py: low-rank recovery of the kept weights, merged (issue 20)
+
+
+def sliced(name: str, no_attention: int | None = None):
+    """A tiny model of the family, sliced at a random mask (layer `no_attention` keeps no KV group)."""
+    model = tiny_model(name)
+    units = grasprune.find_units(model)
+    gate = random_gate(units, seed=3)
+    if no_attention is not None:
+        units.kv(gate)[no_attention] = 0.0
+    return grasprune.slice_model(model, units, gate)
+
+
+@pytest.mark.parametrize("no_attention", [None, 1])
+@pytest.mark.parametrize("name", TINY)
+def test_recovery_merges_into_the_same_shapes_and_never_touches_a_weight_gradient(name, no_attention):
+    """The merged correction computes what the hooked one did; every shape and the parameter count
+    stay; no dense weight gets a gradient; the loss falls toward the dense model's predictions."""
+    from experiments.recover import LowRank, recover
+
+    dense = tiny_model(name)
+    data = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    targets = grasprune.teacher_targets(dense, data, 1)
+    model = sliced(name, no_attention)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+
+    def kl() -> float:
+        with torch.no_grad():
+            return grasprune.distillation_loss(model(data).logits, targets).item()
+
+    before = kl()
+    recover(model, data, targets, rank=4, lr=1e-2, epochs=3)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert kl() < before
+    assert not any(m._forward_hooks for m in model.modules())
+
+    low_rank = LowRank(model, rank=3, matrices=("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"), seed=2)
+    with torch.no_grad():
+        for _, _, b in low_rank.factors:
+            b.normal_()
+    hooked = model(inputs()).logits
+    low_rank.merge()
+    torch.testing.assert_close(model(inputs()).logits, hooked, atol=1e-4, rtol=1e-4)
+    assert len(low_rank.factors) == 3 * 3 - (2 if no_attention is not None else 0)
+
+
+def test_recovery_refuses_a_model_offloaded_by_device_map():
+    from accelerate import cpu_offload
+
+    from experiments.recover import LowRank
+
+    model = cpu_offload(sliced("llama-gqa-bias"))  # weights on 'meta', fetched at every forward
+    with pytest.raises(grasprune.UsageError, match="not offloaded by --device-map"):
+        LowRank(model, rank=2, matrices=("mlp.down_proj",))
