@@ -24,6 +24,17 @@ def test_bench_recipes_runs_both_recipes_and_sizes_the_targets(tiny_folder):
     assert result["step_ratio"] == result["default_step_s"] / result["paper_step_s"]
 
 
+def test_bench_ranks_times_every_stage_of_both_launches(tiny_folder):
+    proc = cli("experiments/bench.py", "ranks", "--model", str(tiny_folder / "tiny"), "--calib",
+               str(tiny_folder / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    stages = ["teacher_targets", "importance", "gate_training", "scaling_calibration"]
+    assert list(result["seconds"]) == ["ranks", "one"] and list(result["seconds"]["one"]) == stages
+    assert all(len(ratios) == 1 for ratios in result["pairwise_ratios_one_over_ranks"].values())
+    assert result["seconds"]["ranks"]["gate_training"] > 0 and result["seconds"]["one"]["gate_training"] > 0
+
+
 def test_report_refuses_an_argument_that_is_not_label_equals_file(tmp_path):
     proc = cli("experiments/report.py", f"dense={tmp_path / 'missing.json'}")
     assert proc.returncode == 2

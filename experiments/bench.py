@@ -12,6 +12,8 @@
   python experiments/bench.py widths               time per FFN channel at odd and round widths
   python experiments/bench.py serving M1 M2 ...    parameters, weight and KV-cache bytes, prefill and
                                                    decode speed, peak memory; one process per model
+  python experiments/bench.py ranks --model M      torchrun, N ranks x 1 thread at batch 1, against one
+                                                   process x N threads at batch N: time per stage
 
 Figures are printed, never asserted: speed depends on the machine.
 """
@@ -19,9 +21,11 @@ Figures are printed, never asserted: speed depends on the machine.
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -277,6 +281,40 @@ def serving(args) -> None:
               + ", ".join(f"{k} x{row[k] / base[k]:.2f}" for k in keys if "per_s" in k))
 
 
+STAGES = ("teacher_targets", "importance", "gate_training", "scaling_calibration")
+
+
+def ranks(args) -> None:
+    """Data parallelism on this machine's cores: grasprune.py under `torchrun --nproc-per-node N`, one
+    thread per rank at batch 1, against one process with N threads at batch N (the same steps, the
+    same result), run alternately (ranks, one, ranks, ...) so that load on the machine reaches both
+    alike; each run's stage times come from its report; medians, and the ratio of each pair."""
+    script = str(Path(__file__).resolve().parent.parent / "grasprune.py")
+    common = ["--model", args.model, "--calib", args.calib, "--calib-split", args.calib_split, "--nsamples",
+              str(args.nsamples), "--seq-len", str(args.seq_len), "--epochs", "1", "--overwrite"]
+    common += ["--data-dir", args.data_dir] if args.data_dir else []
+    launch = {"ranks": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                         str(args.ranks), script, *common, "--batch-size", "1"], 1),
+              "one": ([sys.executable, script, *common, "--batch-size", str(args.ranks)], args.ranks)}
+    times = {name: [] for name in launch}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for name, (command, threads) in launch.items():
+                out = Path(tmp) / name
+                subprocess.run([*command, "--output", str(out)], check=True, capture_output=True,
+                               env=os.environ | {"OMP_NUM_THREADS": str(threads)})
+                seconds = json.loads((out / "grasprune_report.json").read_text())["seconds"]
+                times[name].append({stage: seconds[stage] for stage in STAGES})
+    print(json.dumps({
+        "model": args.model, "ranks": args.ranks, "nsamples": args.nsamples, "seq_len": args.seq_len,
+        "repeats": args.repeats, "seconds": {name: {stage: median([t[stage] for t in runs]) for stage in STAGES}
+                                             for name, runs in times.items()},
+        "pairwise_ratios_one_over_ranks": {  # None where a stage took under the reports' 10 ms
+            stage: [o[stage] / r[stage] if r[stage] else None for r, o in zip(times["ranks"], times["one"])]
+            for stage in STAGES},
+    }, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -295,13 +333,23 @@ def main() -> None:
     s.add_argument("models", nargs="+", help="first the dense model, then pruned checkpoints")
     s.add_argument("--prompt-len", type=int, default=512)
     s.add_argument("--new-tokens", type=int, default=128)
+    d = sub.add_parser("ranks", help="torchrun ranks x 1 thread vs one process x N threads, alternately")
+    d.add_argument("--model", required=True)
+    d.add_argument("--ranks", type=int, default=2)
+    d.add_argument("--calib", default="wikitext2")
+    d.add_argument("--calib-split", default="validation")
+    d.add_argument("--data-dir")
+    d.add_argument("--nsamples", type=int, default=32)
+    d.add_argument("--seq-len", type=int, default=256)
+    d.add_argument("--repeats", type=int, default=2)
     for q in (o, r, w, s):
         q.add_argument("--repeats", type=int, default=3)
         q.add_argument("--device")
         q.add_argument("--dtype")
     args = p.parse_args()
     torch.manual_seed(0)
-    commands = {"overhead": overhead, "recipes": recipes, "memory": memory, "widths": widths, "serving": serving}
+    commands = {"overhead": overhead, "recipes": recipes, "memory": memory, "widths": widths, "serving": serving,
+                "ranks": ranks}
     commands[args.command](args)
 
 
