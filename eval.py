@@ -101,18 +101,22 @@ def token_windows(tokenizer, text: str, seq_len: int, limit: int | None = None) 
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = min(ids.numel() // seq_len, limit or ids.numel())
     if n == 0:
-        raise UsageError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len} (lower --seq-len)")
+        raise UsageError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     return ids[: n * seq_len].view(n, seq_len)
 
 
-@torch.inference_mode()
-def perplexity(model, tokenizer, text: str | None, seq_len: int = 2048, batch_size: int = 1,
-               limit_windows: int | None = None, windows: torch.Tensor | None = None) -> float:
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1,
+               limit_windows: int | None = None) -> float:
     """exp of the mean next-token NLL over the non-overlapping `seq_len`-token windows of `text`
     (the SparseGPT/Wanda protocol), `seq_len` capped at the model's context length; `limit_windows`
-    keeps only the first windows. `windows`, if given, are token_windows' already."""
-    if windows is None:
-        windows = token_windows(tokenizer, text, min(seq_len, model.config.max_position_embeddings), limit_windows)
+    keeps only the first windows."""
+    windows = token_windows(tokenizer, text, min(seq_len, model.config.max_position_embeddings), limit_windows)
+    return windows_perplexity(model, windows, batch_size)
+
+
+@torch.inference_mode()
+def windows_perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """exp of the mean next-token NLL over (n, L) windows of token ids (token_windows')."""
     nll = 0.0
     for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({windows.shape[1]}-token windows)"):
         batch = batch.to(grasprune.input_device(model))
@@ -443,12 +447,14 @@ def evaluate(model, tokenizer, data: dict, seq_len: int = 2048, limit: int | Non
     windows = {}
     for source, text in data["texts"].items():
         first = min(limit or 256, 256) if source == "c4" else limit  # SparseGPT scores C4's first 256 windows
-        with reading(f"--ppl {source}"):
+        try:
             windows[source] = token_windows(tokenizer, text, seq_len, first)
+        except UsageError as err:
+            raise UsageError(f"--ppl {source}: {err} (lower --seq-len)") from None
     result = {"summary": grasprune.model_summary(model), "perplexity": {}}
     for source, ids in windows.items():
         t = time.time()
-        result["perplexity"][source] = {"ppl": perplexity(model, tokenizer, None, windows=ids), "seq_len": seq_len,
+        result["perplexity"][source] = {"ppl": windows_perplexity(model, ids), "seq_len": seq_len,
                                         "seconds": round(time.time() - t, 1)}
     scores = zero_shot(model, tokenizer, data["docs"], limit, batch_size, shard)
     result["tasks"] = {task: r for task, r in scores.items() if "error" not in r}

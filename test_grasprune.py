@@ -795,7 +795,7 @@ BAD_INPUTS = {
     "eval: missing task file": ("eval", ["--model", "{tmp}/tiny", "--data-dir", "{tmp}/tasks", "--tasks", "hellaswag",
                                          "--ppl"], "hellaswag: ", True),
     "eval: text shorter than a window": ("eval", ["--model", "{tmp}/tiny", "--ppl", "{tmp}/short.txt", "--tasks"],
-                                         "fewer than one window", False),
+                                         "short.txt: the text has 10 tokens, fewer than one window of 512", False),
     # outputs
     "output exists": ("grasprune", ["--output", "{tmp}/tiny"], "exists; pass --overwrite", True),
     "output under a file": ("grasprune", ["--output", "{tmp}/calib.txt/out"], "is not a writable folder", True),
