@@ -124,3 +124,12 @@ def test_recovery_refuses_a_model_offloaded_by_device_map():
     model = cpu_offload(sliced("llama-gqa-bias"))  # weights on 'meta', fetched at every forward
     with pytest.raises(grasprune.UsageError, match="not offloaded by --device-map"):
         LowRank(model, rank=2, matrices=("mlp.down_proj",))
+
+
+def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
+    from experiments.recover import MATRICES, row_settings
+
+    assert row_settings("r32+lr1e-3+e2+mlp") == {"rank": 32, "lr": 1e-3, "epochs": 2, "matrices": MATRICES["mlp"]}
+    assert row_settings("r8")["matrices"] == (*MATRICES["attn"], *MATRICES["mlp"])
+    with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):
+        row_settings("r8+q4")

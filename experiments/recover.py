@@ -5,9 +5,9 @@ exactly its sliced shapes and its parameter budget. Only the factors train: the 
 state for them alone and no dense weight gradient is ever allocated.
 
   python experiments/recover.py --model SmolLM2.gguf --checkpoint defaults-s0.4653 \
-      --data-dir ../shared/data --rows r8-lr1e-3,r8-lr3e-3-e2,r32-lr1e-3,r8-lr1e-3-mlp --output recovery.jsonl
+      --data-dir ../shared/data --rows r8+lr1e-3,r8+lr3e-3+e2,r32+lr1e-3,r8+lr1e-3+mlp --output recovery.jsonl
 
-A row is "-"-joined settings: rN (rank), lrX (AdamW learning rate), eN (epochs), and the matrices:
+A row is "+"-joined settings: rN (rank), lrX (AdamW learning rate), eN (epochs), and the matrices:
 all (default), mlp (gate/up/down) or attn (q/k/v/o). Every row starts from the checkpoint as saved,
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
 Held-out PTB validation perplexity chooses; the WikiText-2 test windows are reported, never used to
@@ -98,9 +98,9 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8
 
 
 def row_settings(row: str) -> dict:
-    """rN, lrX, eN and all|mlp|attn, "-"-joined, as keyword arguments of recover()."""
+    """rN, lrX, eN and all|mlp|attn, "+"-joined, as keyword arguments of recover()."""
     settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": (*MATRICES["attn"], *MATRICES["mlp"])}
-    for part in row.split("-"):
+    for part in row.split("+"):
         if part in MATRICES:
             settings["matrices"] = MATRICES[part]
         elif part.startswith("lr"):
@@ -116,7 +116,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the dense model the checkpoint was pruned from")
     p.add_argument("--checkpoint", required=True, help="a grasprune.py output folder")
-    p.add_argument("--rows", default="r8-lr1e-3", help="comma-separated rows, e.g. r8-lr1e-3,r32-lr1e-3-mlp")
+    p.add_argument("--rows", default="r8+lr1e-3", help="comma-separated rows, e.g. r8+lr1e-3,r32+lr1e-3+mlp")
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data")
     p.add_argument("--held-out", default="ptb:validation", help="corpus:split that chooses")
     p.add_argument("--held-out-windows", type=int, default=16)
