@@ -37,7 +37,6 @@ import datasets
 import torch
 import torch.nn.functional as F
 import transformers
-from tqdm import tqdm
 
 import grasprune
 from grasprune import UsageError, reading
@@ -118,7 +117,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int
 def windows_perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:
     """exp of the mean next-token NLL over (n, L) windows of token ids (token_windows')."""
     nll = 0.0
-    for batch in tqdm(windows.split(batch_size), desc=f"perplexity ({windows.shape[1]}-token windows)"):
+    for batch in grasprune.progress(windows.split(batch_size), desc=f"perplexity ({windows.shape[1]}-token windows)"):
         batch = batch.to(grasprune.input_device(model))
         logits = model(batch).logits[:, :-1].float()
         targets = batch[:, 1:].to(logits.device)  # under --device-map the LM head may sit elsewhere
@@ -327,7 +326,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     rows = sorted(groups.values(), key=lambda r: r.length, reverse=True)
     dtype, device = next(model.parameters()).dtype, grasprune.input_device(model)
     scores = torch.zeros(len(requests), dtype=torch.float64)
-    with tqdm(total=len(requests), desc=desc, unit="choice") as bar:
+    with grasprune.progress(total=len(requests), desc=desc, unit="choice") as bar:
         for first in range(0, len(rows), batch_size):
             chunk = rows[first:first + batch_size]
             ids, positions, mask, (b, pos, target, request) = pack(chunk, dtype)

@@ -133,3 +133,19 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
     assert row_settings("r8")["matrices"] == (*MATRICES["attn"], *MATRICES["mlp"])
     with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):
         row_settings("r8+q4")
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen2"])
+def test_output_scales_merge_into_the_rows_of_down_proj_and_o_proj(name):
+    from experiments.recover import OutputScales
+
+    model = sliced(name, no_attention=1)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    scales = OutputScales(model)
+    with torch.no_grad():
+        for t in scales.parameters():
+            t.normal_()
+    hooked = model(inputs()).logits
+    scales.merge()
+    torch.testing.assert_close(model(inputs()).logits, hooked, atol=1e-4, rtol=1e-4)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes and len(scales.factors) == 2 * 3

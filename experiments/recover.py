@@ -7,7 +7,8 @@ state for them alone and no dense weight gradient is ever allocated.
   python experiments/recover.py --model SmolLM2.gguf --checkpoint defaults-s0.4653 \
       --data-dir ../shared/data --rows r8+lr1e-3,r8+lr3e-3+e2,r32+lr1e-3,r8+lr1e-3+mlp --output recovery.jsonl
 
-A row is "+"-joined settings: rN (rank), lrX (AdamW learning rate), eN (epochs), and the matrices:
+A row is "+"-joined settings: rN (rank; r0: one output-side scale per hidden channel of down_proj
+and o_proj instead, the cheaper lever), lrX (AdamW learning rate), eN (epochs), and the matrices:
 all (default), mlp (gate/up/down) or attn (q/k/v/o). Every row starts from the checkpoint as saved,
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
 Held-out PTB validation perplexity chooses; the WikiText-2 test windows are reported, never used to
@@ -73,12 +74,42 @@ class LowRank:
             linear.weight.copy_((linear.weight.float() + b @ a).to(linear.weight.dtype))
 
 
+class OutputScales:
+    """The cheaper lever: forward hooks that scale every output channel of down_proj and o_proj (the
+    residual stream's inputs) by 1 + 0.5 tanh(t), t from 0, as the paper's scales do on the input side;
+    merged into the weight's rows (and output bias), so no parameter is added either."""
+
+    def __init__(self, model):
+        self.factors, self.handles = [], []
+        for layer in model.model.layers:
+            for linear in (layer.mlp.down_proj, layer.self_attn.o_proj):
+                t = torch.zeros(linear.out_features, device=linear.weight.device, requires_grad=True)
+                self.factors.append((linear, t))
+                self.handles.append(linear.register_forward_hook(partial(self.scale, t)))
+
+    @staticmethod
+    def scale(t: torch.Tensor, module, args, output):
+        return output * (1 + 0.5 * torch.tanh(t)).to(output.dtype)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for _, t in self.factors]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for linear, t in self.factors:
+            for param in (p for p in (linear.weight, linear.bias) if p is not None):
+                factor = (1 + 0.5 * torch.tanh(t)).view(-1, *[1] * (param.dim() - 1))
+                param.copy_((param.float() * factor).to(param.dtype))
+
+
 def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8, lr: float = 1e-3,
             epochs: int = 1, batch_size: int = 1, matrices: tuple[str, ...] = (*MATRICES["attn"], *MATRICES["mlp"]),
             ) -> list[float]:
-    """Distill the pruned model toward the dense model's `targets` through low-rank corrections, then
-    merge them. Returns the loss of every step."""
-    low_rank = LowRank(model, rank, matrices)
+    """Distill the pruned model toward the dense model's `targets` through low-rank corrections (rank
+    0: output-side scales instead), then merge them. Returns the loss of every step."""
+    low_rank = LowRank(model, rank, matrices) if rank else OutputScales(model)
     optimizer = torch.optim.AdamW(low_rank.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     device, history = grasprune.input_device(model), []
     batches = grasprune.with_targets(data, targets, batch_size)
