@@ -149,9 +149,14 @@ def input_device(model) -> torch.device:
     return torch.device(hook.execution_device) if hook else embedding.weight.device
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks: (0, 1) unless torchrun started a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def progress(iterable=None, **kwargs) -> tqdm:
     """A progress bar, shown by rank 0 alone under torchrun."""
-    return tqdm(iterable, disable=dist.is_initialized() and dist.get_rank() > 0, **kwargs)
+    return tqdm(iterable, disable=rank_and_world()[0] > 0, **kwargs)
 
 
 # ---- 2. Calibration data ------------------------------------------------------------------------
@@ -448,7 +453,7 @@ def with_targets(data: torch.Tensor, targets: Targets | None, batch_size: int) -
 def rank_share(data: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Data parallelism (torchrun): this rank's calibration sequences, its `batch_size` of every global
     batch of world size x `batch_size`, so N ranks at batch b take the steps of one process at N x b."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     if world > 1 and len(data) % (world * batch_size):
         raise UsageError(f"{len(data)} calibration sequences do not split into {world} ranks x batches of {batch_size}")
     return data.unflatten(0, (-1, world, batch_size))[:, rank].flatten(0, 1) if world > 1 else data
@@ -653,14 +658,15 @@ def slice_model(model, units: Units, gate: torch.Tensor):
 
 
 # ---- 9. The method in one call ------------------------------------------------------------------
-def check_inputs(model, data, sparsity: float, recipe: Recipe) -> Units:
+def check_inputs(model, data, sparsity: float, recipe: Recipe) -> tuple[Units, int]:
     """prune()'s preconditions, each refused with a UsageError that names it, before the model is
-    touched: the recipe, a supported dense model, the budget, and token ids the model can read."""
+    touched: the recipe, a supported dense model, the budget, and token ids the model can read.
+    Returns the units and the final mask's budget."""
     recipe.validate()
     if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise UsageError(f"model type {model.config.model_type!r} is not supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     units = find_units(model)
-    budget_for(in_blocks(units, recipe.ffn_multiple), sparsity, recipe.kv_floor)
+    budget = budget_for(in_blocks(units, recipe.ffn_multiple), sparsity, recipe.kv_floor)  # the final mask's
     if not isinstance(data, torch.Tensor) or data.dtype not in (torch.long, torch.int) or data.dim() != 2:
         shape = f"a {data.dim()}-D {data.dtype} tensor" if isinstance(data, torch.Tensor) else type(data).__name__
         raise UsageError(f"data must be a 2-D int64 tensor of token ids (sequences x tokens), got {shape}")
@@ -670,7 +676,7 @@ def check_inputs(model, data, sparsity: float, recipe: Recipe) -> Units:
     if data.min() < 0 or data.max() >= model.config.vocab_size:
         raise UsageError(f"data holds token ids outside the model's vocabulary (0 to {model.config.vocab_size - 1}): "
                          f"{int(data.min())} to {int(data.max())}")
-    return units
+    return units, budget
 
 
 def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Recipe(), *,
@@ -679,7 +685,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
     """GRASPrune (steps 3 to 8) on a loaded model, which is frozen, pruned in place and returned with a
     report; bad input raises UsageError before the model is touched. `data`: (N, L) calibration token
     ids. `evaluate(model)`, if given, scores the dense, masked and pruned model; `project`: the mask rule."""
-    units = check_inputs(model, data, sparsity, recipe)
+    units, budget = check_inputs(model, data, sparsity, recipe)
     data = rank_share(data, recipe.batch_size)  # all of it in one process
     model.eval().requires_grad_(False)  # only the scores train: no weight gradient is ever allocated
     timings, memory, evaluations, clock = {}, {}, {}, time.perf_counter()
@@ -690,7 +696,6 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
         memory[stage] = peak_memory_gib()
         clock = time.perf_counter()
 
-    budget = budget_for(in_blocks(units, recipe.ffn_multiple), sparsity, recipe.kv_floor)  # the final mask's
     costs = units.costs(input_device(model))
     before = model_summary(model)
     print(f"[grasprune] {units.count:,} units ({units.num_ffn:,} FFN channels of {units.ffn_cost:,} params, "
@@ -734,7 +739,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
         "steps": len(history), "final_flips": history[-1]["flips"], "final_loss": history[-1]["loss"],
         "mean_flips_last_tenth": sum(h["flips"] for h in tenth) / len(tenth),  # has the mask settled?
         "layers": layer_table(model, units), "eval": evaluations, "seconds": timings, "peak_memory_gib": memory,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "world_size": rank_and_world()[1],
     }
 
 
@@ -983,7 +988,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
     } | pruned
     report["seconds"] = {"load_and_calibration_data": loading} | report["seconds"]
-    if not dist.is_initialized() or dist.get_rank() == 0:  # one rank writes, the others wait for it
+    if rank_and_world()[0] == 0:  # one rank writes, the others wait for it
         print_report(report)
         save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
         print(f"[grasprune] saved {args.output}")
