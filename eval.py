@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+import cli
 import grasprune
 from grasprune import UsageError, reading
 
@@ -508,7 +509,7 @@ def write_results(path: Path, result: dict) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """The command line's run: every check and every data file before the weights load."""
-    parser = grasprune.ArgumentParser(prog="eval", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
                         help="hub id, local HF folder, .gguf file, or an output folder of grasprune.py")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -535,7 +536,7 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError("--shard splits the zero-shot tasks only: run the perplexity on its own, "
                          "and pass --ppl with no source here")
     if args.output:
-        grasprune.check_output(Path(args.output), True, folder=False, inputs=(args.model, args.data_dir, *args.ppl))
+        cli.check_output(Path(args.output), True, folder=False, inputs=(args.model, args.data_dir, *args.ppl))
     grasprune.load_config(args.model)
     data = load_data(args.tasks, args.ppl, args.data_dir)
     model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
@@ -552,7 +553,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return grasprune.run_cli("eval", lambda: run(argv))
+    return cli.run_cli("eval", lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, TokenType
 
+import cli
 import grasprune
 from modeling_grasprune import load_pretrained
 
@@ -338,7 +339,7 @@ def describe(summary: dict) -> str:
 
 def export(argv: list[str] | None = None) -> None:
     """The command line's run: every check before the weights are read, then the file."""
-    p = grasprune.ArgumentParser(prog="export_gguf", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="export_gguf", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a grasprune.py output folder, or a dense model: folder, hub id or .gguf file")
     p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="type of the weight matrices (default f16)")
     p.add_argument("--output", help="the GGUF file (default: <model name>-<outtype>.gguf here)")
@@ -346,7 +347,7 @@ def export(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     name = Path(args.model.rstrip("/")).name.removesuffix(".gguf")
     output = Path(args.output or f"{name}-{args.outtype}.gguf")
-    grasprune.check_output(output, args.overwrite, folder=False, inputs=(args.model,))
+    cli.check_output(output, args.overwrite, folder=False, inputs=(args.model,))
     check_exportable(grasprune.load_config(args.model))  # before any weight is read
     tokenizer_from = source_gguf(args.model)
     with grasprune.reading(f"the model {args.model!r}"):
@@ -355,7 +356,7 @@ def export(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return grasprune.run_cli("export_gguf", lambda: export(argv))
+    return cli.run_cli("export_gguf", lambda: export(argv))
 
 
 if __name__ == "__main__":

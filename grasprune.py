@@ -3,27 +3,19 @@
 Reference implementation of Wang et al. (ACL 2026, arXiv 2604.19398), in pipeline order: 0 the recipe,
 1 loading a frozen model, 2 calibration data, 3 prunable units and their exact costs, 4 gates, 5 projection
 onto one global budget, 6 gate training (straight-through), 7 scaling calibration, 8 slicing, 9 `prune()`
-(steps 3 to 8 on a loaded model), 10 reporting and saving, 11 the command line.
+(steps 3 to 8 on a loaded model), 10 the report's figures. The command line is in cli.py.
 """
 
-import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
-import json
 import logging
 import math
-import os
-import platform
 import resource
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -743,7 +735,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
     }
 
 
-# ---- 10. Reporting and saving -------------------------------------------------------------------
+# ---- 10. The report's figures -------------------------------------------------------------------
 def peak_memory_gib() -> dict[str, float]:
     """Peak memory since the previous call: tensors on each GPU in use, and the process's resident
     CPU memory (Linux keeps no resettable peak, so this one is the peak since the start)."""
@@ -778,234 +770,6 @@ def layer_table(model, units: Units) -> list[dict]:
              "parameters": sum(p.numel() for p in layer.parameters())} for i, layer in enumerate(model.model.layers)]
 
 
-def print_report(report: dict) -> None:
-    """The per-layer table, what was removed, the cost of gate training and the --eval figures."""
-    units = report["units"]
-    width, kv = units["ffn_per_layer"], units["kv_per_layer"]
-    print(f"{'layer':>5} {'FFN channels':>14} {'KV groups':>10} {'Q heads':>8} {'parameters':>12}")
-    for r in report["layers"]:
-        print(f"{r['layer']:>5} {r['ffn_channels']:>7}/{width:<6} {r['kv_groups']:>4}/{kv:<5}"
-              f" {r['query_heads']:>4}/{kv * units['heads_per_group']:<3} {r['parameters']:>12,}")
-    before, after = report["before"], report["after"]
-    print(f"[grasprune] parameters {before['parameters']:,} -> {after['parameters']:,} "
-          f"({report['parameters_removed']:.2%} removed); prunable {before['prunable_parameters']:,} -> "
-          f"{after['prunable_parameters']:,} ({report['prunable_removed']:.2%} removed); KV cache "
-          f"{before['kv_cache_bytes_per_token']:,} -> {after['kv_cache_bytes_per_token']:,} bytes/token")
-    print(f"[grasprune] gate training: {report['seconds']['gate_training']:.0f} s, peak memory "
-          + ", ".join(f"{device} {gib:.2f} GiB" for device, gib in report["peak_memory_gib"]["gate_training"].items()))
-    for name, q in report["eval"].items():
-        print(f"[grasprune] {name:>6}: WikiText-2 test perplexity {q['perplexity']:.2f}, decode "
-              f"{q['decode_tokens_per_s']:.1f} tokens/s, {q['prompt']!r} -> {q['continuation']!r}")
-
-
-def gguf_beside(output: Path, outtype: str) -> Path:
-    """Where --gguf puts the GGUF file: beside the checkpoint folder, `<output>-<type>.gguf`."""
-    return output.with_name(f"{output.name}-{outtype}.gguf")
-
-
-def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool = False) -> None:
-    """Write model (with modeling_grasprune.py), tokenizer and report into a temporary folder, then
-    move it into place: no half checkpoint, ever. Should `output` be taken meanwhile, the checkpoint
-    is kept beside it and the error says where."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # as a plain mkdir would make it (mkdtemp's 0700 hides it)
-        # safetensors, tied embeddings stored once; 5 GB shards (the hub's usual size) also bound
-        # the CPU memory that saving a --device-map model with offloaded modules needs.
-        model.save_pretrained(tmp, max_shard_size="5GB")
-        tokenizer.save_pretrained(tmp)
-        (tmp / "grasprune_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        # SIGINT and SIGTERM wait while the old checkpoint is swapped for the new one: never none.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        if overwrite and output.is_dir():
-            shutil.rmtree(output)
-        try:
-            tmp.rename(output)
-        except OSError as err:  # taken during the run: hours of work are not thrown away
-            kept = output.with_name(f"{output.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            tmp.rename(kept)
-            raise UsageError(f"cannot write {output} ({cause_of(err)}); the checkpoint is saved as {kept}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-# ---- 11. Command line ---------------------------------------------------------------------------
-def run_cli(prog: str, work: Callable[[], object]) -> int:
-    """The error boundary of the three command lines (grasprune.py, eval.py, export_gguf.py): a
-    UsageError becomes one line `<prog>: error: ...` and exit code 2, Ctrl-C exit code 130. Under
-    torchrun every rank sees the same input and stops alike; rank 0 alone says why."""
-    try:
-        code = work()
-    except UsageError as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    return code if isinstance(code, int) else 0
-
-
-def check_output(path: Path, overwrite: bool, folder: bool, inputs: tuple[str | None, ...] = ()) -> None:
-    """Refuse, before any work, an output that exists (unless `overwrite`), is of the wrong kind,
-    cannot be written, or would replace one of the `inputs`."""
-    if path.exists() and not overwrite:
-        raise UsageError(f"{path} exists; pass --overwrite to replace it")
-    if path.exists() and path.is_dir() != folder:
-        raise UsageError(f"{path} is a {'folder' if path.is_dir() else 'file'}; the output is a "
-                         f"{'folder' if folder else 'file'}")
-    parent = path.absolute().parent
-    while folder and not parent.exists():  # save_checkpoint makes a checkpoint folder's parents
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write {path}: {parent} is not a writable folder")
-    for source in filter(None, inputs):
-        if path.resolve() == Path(source).resolve() or path.resolve() in Path(source).resolve().parents:
-            raise UsageError(f"{path} would replace the input {source}; choose another output")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as a UsageError (one line, exit 2), not as usage text."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recipe]:
-    """The command line's settings, and their recipe (the defaults or --paper's, options on top)."""
-    default, paper = Recipe(), Recipe.paper()
-    p = ArgumentParser(prog="grasprune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="hub id, local folder or .gguf file")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of prunable parameters to remove (0.5)")
-    p.add_argument("--output", help="output folder (default: <model name>-grasprune-s<sparsity>)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--calib", default="wikitext2",
-                   help="wikitext2 (default), ptb, c4, self (sampled from the model) or a .txt/.jsonl/.parquet file")
-    p.add_argument("--calib-split", default="train", help="split of the calibration corpus (%(default)s)")
-    p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data (no network)")
-    p.add_argument("--nsamples", type=int, default=512, help="calibration sequences (%(default)s)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (%(default)s)")
-    p.add_argument("--paper", action="store_true", help="the paper's recipe: --init zeros --loss lm")
-    recipe = p.add_argument_group("recipe (default / with --paper)")
-    for name, kind, choices, text in (
-        ("batch_size", int, None, "calibration sequences per optimizer step"),
-        ("epochs", int, None, "epochs of gate training"),
-        ("lr", float, None, "AdamW learning rate (gate scores and scales)"),
-        ("tau", float, None, "temperature of the straight-through sigmoid"),
-        ("init", str, ("importance", "zeros"), "initial gate scores: Fisher importance per parameter, or all 0"),
-        ("loss", str, ("kd", "lm"), "kd: distill the dense model's own predictions; lm: next-token loss"),
-        ("top_k", int, None, "with kd: the dense model's most likely tokens kept per calibration token"),
-        ("kv_floor", int, (0, 1), "KV groups every layer keeps; 0 lets a layer drop its whole attention block"),
-        ("ffn_multiple", int, None, "keep every FFN width a multiple of it (whole blocks of the final mask)"),
-    ):
-        recipe.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices,
-                            help=f"{text} ({getattr(default, name)} / {getattr(paper, name)})")
-    recipe.add_argument("--no-rescale", dest="rescale", action="store_false", default=None,
-                        help="skip the scaling calibration")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
-    p.add_argument("--seed", type=int, default=0, help="seeds the calibration windows (and sampling) (%(default)s)")
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    p.add_argument("--dtype", help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--device-map", help="auto: spread a model too big for one GPU over all GPUs and CPU memory")
-    p.add_argument("--eval", action="store_true", help="WikiText-2 test perplexity: dense, masked, final")
-    p.add_argument("--eval-windows", type=int, help="with --eval: only the first N 2048-token windows (quick runs)")
-    p.add_argument("--gguf", choices=("f32", "f16", "bf16", "q8_0"), help="also write a GGUF file for llama.cpp")
-    args = p.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
-    recipe = dataclasses.replace(paper if args.paper else default, **given)
-    recipe.validate()
-    for name in ("nsamples",) + (("eval_windows",) if args.eval_windows is not None else ()):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.output is None:  # only a .gguf suffix goes: Llama-3.2-1B is not Llama-3
-        args.output = f"{Path(args.model.rstrip('/')).name.removesuffix('.gguf')}-grasprune-s{args.sparsity}"
-    inputs = (args.model, args.calib, args.data_dir)
-    check_output(Path(args.output), args.overwrite, folder=True, inputs=inputs)
-    if args.gguf:
-        check_output(gguf_beside(Path(args.output), args.gguf), args.overwrite, folder=False, inputs=inputs)
-    return args, recipe
-
-
-def join_data_parallel(args: argparse.Namespace) -> int:
-    """Under torchrun (WORLD_SIZE > 1, on one machine or many): join the process group, take this
-    rank's GPU, and leave the console to rank 0. Returns the world size."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 1
-    if args.device_map:
-        raise UsageError("--device-map spreads one process's model over the GPUs; under torchrun every rank holds it")
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if cuda:
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.get_rank():
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the life of the process)
-    return world
-
-
-def run(args: argparse.Namespace, recipe: Recipe) -> dict:
-    """Refuse what can be refused before the weights load; then calibrate, prune, report and save."""
-    import export_gguf
-    from eval import load_text, quality  # the companion script reads the corpora and scores --eval
-
-    torch.manual_seed(args.seed)
-    world = join_data_parallel(args)
-    resolve_device_dtype(args.device, args.dtype)
-    config = load_config(args.model)
-    check_sequence_length(args.seq_len, config)
-    budget_for(in_blocks(units_of_config(config), recipe.ffn_multiple), args.sparsity, recipe.kv_floor)
-    rank_share(torch.empty(args.nsamples, 0), recipe.batch_size)  # refused now if the ranks cannot share it
-    if args.gguf:
-        export_gguf.check_exportable(config)
-    text = None if args.calib == "self" else load_text(args.calib, args.calib_split, args.data_dir)
-    eval_text = load_text("wikitext2", "test", args.data_dir) if args.eval else None
-    start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.device_map)
-    gguf_tokenizer = args.model if args.model.endswith(".gguf") else None  # carried over unchanged
-    if args.gguf and gguf_tokenizer is None:
-        export_gguf.tokenizer_spec(tokenizer, config.vocab_size)  # refused now, not after the run
-    if text is None:
-        data = sample_from_model(model, tokenizer, args.nsamples, args.seq_len, args.seed)
-    else:
-        data = calibration_batches(tokenizer, text, args.nsamples, args.seq_len, args.seed)
-    loading = round(time.perf_counter() - start, 2)
-    evaluate = partial(quality, tokenizer=tokenizer, text=eval_text, windows=args.eval_windows) if args.eval else None
-    model, pruned = prune(model, data, args.sparsity, recipe, gradient_checkpointing=args.gradient_checkpointing,
-                          evaluate=evaluate)
-    report = {
-        "settings": dict(vars(args)),
-        "versions": {"python": platform.python_version()}
-        | {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "datasets", "accelerate")},
-        "device": str(input_device(model)),
-        "device_map": getattr(model, "hf_device_map", None),  # where --device-map placed each module
-        "dtype": str(model.dtype).removeprefix("torch."),
-    } | pruned
-    report["seconds"] = {"load_and_calibration_data": loading} | report["seconds"]
-    if rank_and_world()[0] == 0:  # one rank writes, the others wait for it
-        print_report(report)
-        save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
-        print(f"[grasprune] saved {args.output}")
-        if args.gguf:  # written whole or not at all, once the checkpoint is safe
-            written = export_gguf.write_gguf(model, tokenizer, gguf_beside(Path(args.output), args.gguf), args.gguf,
-                                             gguf_tokenizer)
-            print(f"[grasprune] {export_gguf.describe(written)}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_cli("grasprune", lambda: run(*parse_args(argv)))
-
-
 if __name__ == "__main__":
     # The running file is the `grasprune` module that eval.py and export_gguf.py import: one module,
     # one UsageError class (a second copy's refusals would escape this one's boundary as tracebacks).
@@ -1013,4 +777,6 @@ if __name__ == "__main__":
     # SIGTERM (timeout, kill, Slurm, docker stop) unwinds like Ctrl-C, so the temporary folder of a
     # checkpoint being saved is removed; the exit status stays the conventional 128 + 15.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    sys.exit(main())
+    import cli  # the command line lives beside the method, in cli.py
+
+    sys.exit(cli.main())

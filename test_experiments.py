@@ -8,14 +8,14 @@ import torch
 
 import eval as evaluation
 import grasprune
-from conftest import DATA, TINY, VOCAB, cli, inputs, random_gate, tiny_model
+from conftest import DATA, TINY, VOCAB, inputs, random_gate, run_script, tiny_model
 from grasprune import Recipe
 
 
 def test_bench_recipes_runs_both_recipes_and_sizes_the_targets(tiny_folder):
     steps, seq_len = 2, 16
-    proc = cli("experiments/bench.py", "recipes", "--model", str(tiny_folder / "tiny"), "--seq-len", str(seq_len),
-               "--steps", str(steps), "--repeats", "2")
+    proc = run_script("experiments/bench.py", "recipes", "--model", str(tiny_folder / "tiny"),
+                      "--seq-len", str(seq_len), "--steps", str(steps), "--repeats", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     k = min(Recipe.top_k, VOCAB)  # the tiny vocabulary is smaller than the default top-k
@@ -25,8 +25,8 @@ def test_bench_recipes_runs_both_recipes_and_sizes_the_targets(tiny_folder):
 
 
 def test_bench_ranks_times_every_stage_of_both_launches(tiny_folder):
-    proc = cli("experiments/bench.py", "ranks", "--model", str(tiny_folder / "tiny"), "--calib",
-               str(tiny_folder / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--repeats", "1")
+    proc = run_script("experiments/bench.py", "ranks", "--model", str(tiny_folder / "tiny"), "--calib",
+                      str(tiny_folder / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     stages = ["teacher_targets", "importance", "gate_training", "scaling_calibration"]
@@ -36,7 +36,7 @@ def test_bench_ranks_times_every_stage_of_both_launches(tiny_folder):
 
 
 def test_report_refuses_an_argument_that_is_not_label_equals_file(tmp_path):
-    proc = cli("experiments/report.py", f"dense={tmp_path / 'missing.json'}")
+    proc = run_script("experiments/report.py", f"dense={tmp_path / 'missing.json'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("report.py: error: argument LABEL=FILE")
 
@@ -53,17 +53,17 @@ def test_report_joins_an_evaluation_run_in_parts_into_the_same_row_as_one_run(ti
     for name, argv in runs.items():
         assert evaluation.main([*common, *argv, "--output", str(tiny_folder / f"{name}.json")]) == 0
     parts = ",".join(str(tiny_folder / f"{name}.json") for name in ("ppl", "arc2", "piqa", "arc1"))
-    proc = cli("experiments/report.py", f"whole={tiny_folder / 'whole.json'}", f"parts={parts}")
+    proc = run_script("experiments/report.py", f"whole={tiny_folder / 'whole.json'}", f"parts={parts}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     whole, joined = ([c.strip() for c in line.split("|")] for line in proc.stdout.splitlines()[2:4])
     assert whole[2:-2] == joined[2:-2]  # all but the label and the minutes
     assert "-" not in (whole[4], whole[5], whole[8])  # perplexity, PIQA and ARC-e were scored ...
     assert whole[-3] == "-"  # ... but not all five tasks, so there is no mean
 
-    proc = cli("experiments/report.py", f"twice={tiny_folder / 'piqa.json'},{tiny_folder / 'whole.json'}")
+    proc = run_script("experiments/report.py", f"twice={tiny_folder / 'piqa.json'},{tiny_folder / 'whole.json'}")
     assert proc.returncode == 2
     assert "do not tile the items" in proc.stderr
-    proc = cli("experiments/report.py", f"half={tiny_folder / 'ppl.json'},{tiny_folder / 'arc1.json'}")
+    proc = run_script("experiments/report.py", f"half={tiny_folder / 'ppl.json'},{tiny_folder / 'arc1.json'}")
     assert proc.returncode == 2
     assert "arc_easy: the parts score 2 of its 5 items (a --shard slice is missing)" in proc.stderr
 

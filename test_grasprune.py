@@ -25,6 +25,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+import cli
 import eval as evaluation
 import grasprune
 from conftest import (
@@ -32,11 +33,11 @@ from conftest import (
     ROOT,
     TINY,
     VOCAB,
-    cli,
     inputs,
     needs_smollm2,
     random_gate,
     recipe,
+    run_script,
     smollm2_path,
     text_corpus,
     tiny_model,
@@ -89,7 +90,7 @@ def test_masked_equals_sliced_equals_reloaded(name, no_attention, tmp_path, toke
     assert [isinstance(layer.self_attn, NoAttention) for layer in model.model.layers] == [
         i == no_attention for i in range(3)]
 
-    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
+    cli.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
     plain, _ = grasprune.load_model(str(tmp_path / "out"))
     assert torch.equal(plain(ids).logits, sliced)
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
@@ -169,7 +170,7 @@ def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
     sliced = masked_then_sliced(model, units, random_gate(units, seed=6), ids)
     # The offloaded layer stays offloaded once sliced (weights in CPU memory), the others in place.
     assert [layer.mlp.up_proj.weight.device.type for layer in model.model.layers] == ["cpu", "meta", "cpu"]
-    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
+    cli.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
     assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, sliced)
 
 
@@ -198,8 +199,8 @@ def test_cli_device_map_auto_spills_to_disk_and_matches_one_device(memory, tiny_
     with monkeypatch.context() as patch:
         free = {"cpu": int(memory * weight_bytes)}
         patch.setattr(hf_accelerate, "accelerate_max_memory", lambda max_memory=None: free)
-        assert grasprune.main([*run, "--device-map", "auto", "--output", str(tiny_folder / "auto")]) == 0
-    assert grasprune.main([*run, "--output", str(tiny_folder / "one")]) == 0
+        assert cli.main([*run, "--device-map", "auto", "--output", str(tiny_folder / "auto")]) == 0
+    assert cli.main([*run, "--output", str(tiny_folder / "one")]) == 0
     auto, one = (json.loads((tiny_folder / out / "grasprune_report.json").read_text()) for out in ("auto", "one"))
     expected = {0.8: {"model.layers.0": "cpu", "model.layers.2": "disk"}, 0.3: {"": "disk"}}[memory]
     assert expected.items() <= auto["device_map"].items() and one["device_map"] is None
@@ -230,7 +231,7 @@ def test_tied_embeddings_are_saved_once_and_stay_tied(tmp_path, tokenizer):
     model = tiny_model("llama-mha", tie_word_embeddings=True)
     units = grasprune.find_units(model)
     grasprune.slice_model(model, units, random_gate(units, seed=3))
-    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
+    cli.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
     loaded, _ = grasprune.load_model(str(tmp_path / "out"))
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert grasprune.model_summary(loaded)["parameters"] == grasprune.model_summary(model)["parameters"]
@@ -243,7 +244,7 @@ def test_any_save_pretrained_of_a_pruned_model_reloads(tmp_path, tokenizer):
     model = tiny_model("qwen2")
     units = grasprune.find_units(model)
     grasprune.slice_model(model, units, random_gate(units, seed=5))
-    grasprune.save_checkpoint(model, tokenizer, {}, tmp_path / "first")
+    cli.save_checkpoint(model, tokenizer, {}, tmp_path / "first")
     loaded, _ = grasprune.load_model(str(tmp_path / "first"))
     loaded.save_pretrained(tmp_path / "second")
     assert (tmp_path / "second" / "modeling_grasprune.py").is_file()
@@ -358,7 +359,7 @@ def test_recipe_defaults_and_the_papers():
     for recipe_ in (default, paper):
         assert (recipe_.epochs, recipe_.lr, recipe_.tau, recipe_.kv_floor, recipe_.ffn_multiple, recipe_.rescale) == (
             4, 1e-2, 1.5, 1, 1, True)
-    _, parsed = grasprune.parse_args(["--model", "m", "--paper", "--epochs", "2", "--top-k", "9", "--output", "o"])
+    _, parsed = cli.parse_args(["--model", "m", "--paper", "--epochs", "2", "--top-k", "9", "--output", "o"])
     assert parsed == grasprune.Recipe(epochs=2, init="zeros", loss="lm", top_k=9)
     for bad in ({"tau": 0.0}, {"lr": -1.0}, {"epochs": 0}, {"ffn_multiple": 0}, {"loss": "mse"}):
         with pytest.raises(grasprune.UsageError):
@@ -630,9 +631,9 @@ def test_local_corpora_are_joined_as_the_perplexity_protocol_does():
 def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
     text = write_wikitext_test(tiny_folder / "data")
     out = tiny_folder / "out"
-    proc = cli("grasprune.py", "--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib",
-               str(tiny_folder / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--epochs", "1",
-               "--output", str(out), "--eval", "--data-dir", str(tiny_folder / "data"), *switches)
+    proc = run_script("grasprune.py", "--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib",
+                      str(tiny_folder / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--epochs", "1",
+                      "--output", str(out), "--eval", "--data-dir", str(tiny_folder / "data"), *switches)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "grasprune_report.json").read_text())
     model, tokenizer = grasprune.load_model(str(out))
@@ -662,7 +663,7 @@ def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
 def test_default_output_name_drops_only_a_gguf_suffix():
     for model, name in (("meta-llama/Llama-3.2-1B", "Llama-3.2-1B"), ("models/SmolLM2.Q4_1.gguf", "SmolLM2.Q4_1"),
                         ("checkpoints/qwen2.5-7b/", "qwen2.5-7b")):
-        args, _ = grasprune.parse_args(["--model", model, "--sparsity", "0.25"])
+        args, _ = cli.parse_args(["--model", model, "--sparsity", "0.25"])
         assert args.output == f"{name}-grasprune-s0.25"
 
 
@@ -670,7 +671,7 @@ def pruned_folder(folder: Path, tokenizer) -> Path:
     model = tiny_model("llama-gqa-bias")
     units = grasprune.find_units(model)
     grasprune.slice_model(model, units, random_gate(units, seed=1))
-    grasprune.save_checkpoint(model, tokenizer, {}, folder)
+    cli.save_checkpoint(model, tokenizer, {}, folder)
     return folder
 
 
@@ -844,7 +845,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, tiny_folder, tokenize
         defaults = {"--model": str(tiny_folder / "tiny"), "--calib": str(tiny_folder / "calib.txt"),
                     "--output": str(tiny_folder / "out"), "--nsamples": "4", "--seq-len": "16", "--epochs": "1"}
         argv = [x for option, value in defaults.items() if option not in argv for x in (option, value)] + argv
-    main = {"grasprune": grasprune.main, "eval": evaluation.main, "export_gguf": export_gguf.main}[script]
+    main = {"grasprune": cli.main, "eval": evaluation.main, "export_gguf": export_gguf.main}[script]
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith(f"{script}: error: ") and message in errors[0], errors
@@ -863,7 +864,7 @@ def test_an_output_taken_during_the_run_keeps_the_checkpoint_beside_it(tiny_fold
         return result
 
     monkeypatch.setattr(grasprune, "prune", prune_then_take_output)
-    assert grasprune.main(["--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"),
+    assert cli.main(["--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"),
                            "--nsamples", "4", "--seq-len", "16", "--epochs", "1", "--output", str(out)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith(f"grasprune: error: cannot write {out} ")
@@ -891,9 +892,9 @@ def test_an_output_taken_during_the_run_keeps_the_checkpoint_beside_it(tiny_fold
 def test_a_refusal_in_eval_code_reached_from_the_command_line_is_one_line(tiny_folder):
     """`python grasprune.py` is the one `grasprune` module that eval.py imports: a refusal raised in
     eval.py's code (here: no WikiText-2 test split for --eval) is caught by grasprune.py's boundary."""
-    proc = cli("grasprune.py", "--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"),
-               "--nsamples", "4", "--seq-len", "16", "--eval", "--data-dir", str(tiny_folder / "nowhere"),
-               "--output", str(tiny_folder / "out"))
+    proc = run_script("grasprune.py", "--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"),
+                      "--nsamples", "4", "--seq-len", "16", "--eval", "--data-dir", str(tiny_folder / "nowhere"),
+                      "--output", str(tiny_folder / "out"))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("grasprune: error: wikitext2 test is not in --data-dir"), lines
@@ -907,10 +908,10 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_folder, capsys, mo
             "--seq-len", "16", "--epochs", "1", "--paper", "--output", str(tiny_folder / "out")]
     with monkeypatch.context() as patch:  # gate training: the very first loss
         patch.setattr(grasprune, "straight_through", lambda scores, hard, tau: hard + scores * torch.nan)
-        assert grasprune.main(argv) == 2
+        assert cli.main(argv) == 2
     with monkeypatch.context() as patch:  # scaling calibration: its second step
         patch.setattr(grasprune, "scale_values", lambda mask, t: mask * (1 + t) * (torch.nan if t.any() else 1.0))
-        assert grasprune.main(argv) == 2
+        assert cli.main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert [line.split(": the loss")[0] for line in errors] == [
         "grasprune: error: gate training step 1", "grasprune: error: scaling calibration step 2"]
@@ -974,7 +975,7 @@ def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(switches, tiny_folder
            "--seq-len", "16", "--epochs", "2", "--sparsity", "0.4", *switches]
     proc = torchrun(*run, "--batch-size", "1", "--output", str(tiny_folder / "ranks"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert grasprune.main([*run, "--batch-size", "2", "--output", str(tiny_folder / "one")]) == 0
+    assert cli.main([*run, "--batch-size", "2", "--output", str(tiny_folder / "one")]) == 0
     reports = [json.loads((tiny_folder / out / "grasprune_report.json").read_text()) for out in ("ranks", "one")]
     assert [r["world_size"] for r in reports] == [2, 1] and reports[0]["steps"] == reports[1]["steps"] == 8
     assert reports[0]["layers"] == reports[1]["layers"]
@@ -1038,9 +1039,9 @@ def test_smollm2_gates_and_slicing_are_exact():
 @needs_smollm2
 def test_smollm2_pipeline_offline(tmp_path):
     out = tmp_path / "s03"
-    proc = cli("grasprune.py", "--model", str(smollm2_path()), "--sparsity", "0.3", "--calib", "wikitext2",
-               "--calib-split", "validation", "--data-dir", str(DATA), "--nsamples", "4", "--seq-len", "64",
-               "--epochs", "1", "--ffn-multiple", "32", "--output", str(out))
+    proc = run_script("grasprune.py", "--model", str(smollm2_path()), "--sparsity", "0.3", "--calib", "wikitext2",
+                      "--calib-split", "validation", "--data-dir", str(DATA), "--nsamples", "4", "--seq-len", "64",
+                      "--epochs", "1", "--ffn-multiple", "32", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "grasprune_report.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
