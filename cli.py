@@ -19,10 +19,14 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 import grasprune
+import modeling_grasprune
 from grasprune import Recipe, UsageError, cause_of
 
 
@@ -105,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--device-map", help="auto: spread a model too big for one GPU over all GPUs and CPU memory")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model over the ranks (FSDP2)")
     p.add_argument("--eval", action="store_true", help="WikiText-2 test perplexity: dense, masked, final")
     p.add_argument("--eval-windows", type=int, help="with --eval: only the first N 2048-token windows (quick runs)")
     p.add_argument("--gguf", choices=("f32", "f16", "bf16", "q8_0"), help="also write a GGUF file for llama.cpp")
@@ -117,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.output is None:  # only a .gguf suffix goes: Llama-3.2-1B is not Llama-3
         args.output = f"{Path(args.model.rstrip('/')).name.removesuffix('.gguf')}-grasprune-s{args.sparsity}"
+    if args.fsdp and args.gguf:
+        raise UsageError("--gguf writes the whole model from one rank; with --fsdp, export the checkpoint instead")
     inputs = (args.model, args.calib, args.data_dir)
     check_output(Path(args.output), args.overwrite, folder=True, inputs=inputs)
     if args.gguf:
@@ -128,6 +135,8 @@ def join_data_parallel(args: argparse.Namespace) -> int:
     """Under torchrun (WORLD_SIZE > 1, on one machine or many): join the process group, take this
     rank's GPU, and leave the console to rank 0. Returns the world size."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and args.fsdp:
+        raise UsageError("--fsdp shards the model over torchrun's ranks: start it with torchrun --nproc-per-node N")
     if world == 1:
         return 1
     if args.device_map:
@@ -168,10 +177,55 @@ def gguf_beside(output: Path, outtype: str) -> Path:
     return output.with_name(f"{output.name}-{outtype}.gguf")
 
 
+def save_sharded(model, folder: Path | None, shard_bytes: int = 5 * 10**9) -> None:
+    """save_pretrained's files for a model sharded by FSDP2, never whole on one rank: every rank gathers
+    one tensor at a time, and rank 0 (given the `folder`) writes safetensors shards of `shard_bytes`."""
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # stored once, as save_pretrained does
+    shards, size = [[]], 0
+    for name, tensor in state.items():
+        if shards[-1] and size + tensor.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += tensor.nbytes
+    files = [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    files = files if len(shards) > 1 else ["model.safetensors"]
+    for file, names in zip(files, shards):
+        tensors = {}
+        for name in names:  # one whole tensor at a time on the accelerator; a shard in rank 0's CPU memory
+            whole = state[name]
+            if isinstance(whole, DTensor):  # an empty one (attention-free layer's o_proj) has nothing to gather
+                whole = whole.full_tensor() if whole.numel() else torch.empty(whole.shape, dtype=whole.dtype)
+            if folder:
+                tensors[name] = whole.cpu()
+        if folder:
+            safetensors.torch.save_file(tensors, folder / file, {"format": "pt"})
+    if folder is None:
+        return
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
+                 "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    name = type(model).__name__.removeprefix("FSDP")  # fully_shard made the class FSDP<name>
+    model.config.dtype = str(model.dtype).removeprefix("torch.")
+    model.config.architectures = [name]
+    model.config.auto_map = {"AutoModelForCausalLM": f"modeling_grasprune.{name}"}
+    shutil.copy(modeling_grasprune.__file__, folder)
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+
+
 def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: bool = False) -> None:
     """Write model (with modeling_grasprune.py), tokenizer and report into a temporary folder, then
     move it into place: no half checkpoint, ever. Should `output` be taken meanwhile, the checkpoint
-    is kept beside it and the error says where."""
+    is kept beside it and the error says where. Under torchrun rank 0 writes; with FSDP2 every rank
+    sends it its shards."""
+    if grasprune.rank_and_world()[0] > 0:
+        if isinstance(model, FSDPModule):
+            save_sharded(model, None)
+        return
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -180,7 +234,10 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
         tmp.chmod(0o777 & ~umask)  # as a plain mkdir would make it (mkdtemp's 0700 hides it)
         # safetensors, tied embeddings stored once; 5 GB shards (the hub's usual size) also bound
         # the CPU memory that saving a --device-map model with offloaded modules needs.
-        model.save_pretrained(tmp, max_shard_size="5GB")
+        if isinstance(model, FSDPModule):
+            save_sharded(model, tmp)
+        else:
+            model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         (tmp / "grasprune_report.json").write_text(json.dumps(report, indent=2) + "\n")
         # SIGINT and SIGTERM wait while the old checkpoint is swapped for the new one: never none.
@@ -219,7 +276,10 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     text = None if args.calib == "self" else load_text(args.calib, args.calib_split, args.data_dir)
     eval_text = load_text("wikitext2", "test", args.data_dir) if args.eval else None
     start = time.perf_counter()
-    model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
+    if args.fsdp:
+        model, tokenizer = grasprune.load_sharded(args.model, args.device, args.dtype)
+    else:
+        model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
     gguf_tokenizer = args.model if args.model.endswith(".gguf") else None  # carried over unchanged
     if args.gguf and gguf_tokenizer is None:
         export_gguf.tokenizer_spec(tokenizer, config.vocab_size)  # refused now, not after the run
@@ -240,14 +300,13 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
         "dtype": str(model.dtype).removeprefix("torch."),
     } | pruned
     report["seconds"] = {"load_and_calibration_data": loading} | report["seconds"]
-    if grasprune.rank_and_world()[0] == 0:  # one rank writes, the others wait for it
-        print_report(report)
-        save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
-        print(f"[grasprune] saved {args.output}")
-        if args.gguf:  # written whole or not at all, once the checkpoint is safe
-            written = export_gguf.write_gguf(model, tokenizer, gguf_beside(Path(args.output), args.gguf), args.gguf,
-                                             gguf_tokenizer)
-            print(f"[grasprune] {export_gguf.describe(written)}")
+    print_report(report)  # rank 0's: the others print to nowhere
+    save_checkpoint(model, tokenizer, report, Path(args.output), args.overwrite)
+    print(f"[grasprune] saved {args.output}")
+    if args.gguf and grasprune.rank_and_world()[0] == 0:  # whole or not at all, once the checkpoint is safe
+        written = export_gguf.write_gguf(model, tokenizer, gguf_beside(Path(args.output), args.gguf), args.gguf,
+                                         gguf_tokenizer)
+        print(f"[grasprune] {export_gguf.describe(written)}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -114,7 +114,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int
     return windows_perplexity(model, windows, batch_size)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses its gather buffers outside it
 def windows_perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:
     """exp of the mean next-token NLL over (n, L) windows of token ids (token_windows')."""
     nll = 0.0
@@ -307,7 +307,7 @@ def pack(rows: list[Row], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
     return ids, positions, mask[:, None], torch.tensor(scored).T
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int,
                    desc: str | None = None) -> list[float]:
     """log p(continuation | context), summed over the continuation's tokens, per request.

@@ -20,11 +20,15 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import modeling_grasprune
-from modeling_grasprune import PRUNED_CLASSES, build_layer, load_pretrained
+from modeling_grasprune import PRUNED_CLASSES, build_layer, load_pretrained, load_tokenizer
 
 SUPPORTED_MODEL_TYPES = tuple(PRUNED_CLASSES)
 
@@ -131,6 +135,39 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None, d
     with reading(f"the model {name!r}"):  # truncated weights, a folder without them, a cut GGUF file
         model, tokenizer = load_pretrained(name, dtype=torch_dtype, device_map=device_map or str(device))
     model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def shard(model, mesh: DeviceMesh) -> None:
+    """FSDP2: every decoder layer, then the rest (embeddings, final norm, lm_head), split over the ranks;
+    a layer's weights are gathered whole only while it runs, forward or backward."""
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def load_sharded(name: str, device: str | None = None, dtype: str | None = None):
+    """load_model for a model bigger than one GPU, under torchrun: each rank holds 1/world of the
+    weights (FSDP2). Rank 0 reads them into CPU memory and sends every rank its shards, a tensor at
+    a time; the other ranks start from a weightless copy."""
+    device, torch_dtype = resolve_device_dtype(device, dtype)
+    rank, world = rank_and_world()
+    if rank == 0:
+        dense, tokenizer = load_model(name, "cpu", str(torch_dtype).removeprefix("torch."))
+    else:
+        with reading(f"the tokenizer of {name!r}"):
+            tokenizer = load_tokenizer(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(name), dtype=torch_dtype)
+    model.eval().requires_grad_(False)
+    shard(model, init_device_mesh(device.type, (world,)))
+    model.to_empty(device=device)
+    set_model_state_dict(model, dense.state_dict() if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer_name, buffer in model.named_buffers():  # rotary frequencies: computed, not in the state dict
+        if rank == 0:
+            buffer.copy_(dense.get_buffer(buffer_name))
+        dist.broadcast(buffer, 0)
     return model, tokenizer
 
 
@@ -584,8 +621,8 @@ def head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
     return (heads[:, None] * rows_per_head + torch.arange(rows_per_head, device=heads.device)).flatten()
 
 
-def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tensor, units: Units):
-    """A new decoder layer holding only the units with a non-zero gate, each gate value folded
+def sliced_state(weights: dict, ffn_gate: torch.Tensor, kv_gate: torch.Tensor, units: Units) -> dict:
+    """A decoder layer's weights holding only the units with a non-zero gate, each gate value folded
     into the unit's down_proj / o_proj columns (where the gate acts), so no parameter is added."""
     ffn_kept = ffn_gate.nonzero().flatten()
     kv_kept = kv_gate.nonzero().flatten()
@@ -593,6 +630,19 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
     index = {"ffn": ffn_kept, "kv": head_rows(kv_kept, units.head_dim), "q": head_rows(kv_kept, q_width)}
     fold = {"mlp.down_proj.weight": ffn_gate[ffn_kept],
             "self_attn.o_proj.weight": kv_gate[kv_kept].repeat_interleave(q_width)}
+    state = {}
+    for name, param in weights.items():
+        if name in UNIT_SLICES:
+            kind, dim = UNIT_SLICES[name]
+            param = param.index_select(dim, index[kind].to(param.device))
+        if name in fold:
+            param = (param.float() * fold[name].to(param.device)).to(param.dtype)
+        state[name] = param
+    return state
+
+
+def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tensor, units: Units):
+    """A new decoder layer of the widths in `layer_config`, holding the layer's sliced weights."""
     # Under accelerate dispatch (--device-map) the layer carries a hook that runs it on its execution
     # device, and an offloaded layer (CPU or disk) keeps its weights in its hooks. The sliced layer goes
     # where the dense one was: on its device, or offloaded to CPU memory (never onto a full accelerator).
@@ -603,14 +653,7 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
         weights = get_state_dict_offloaded_model(layer)  # read into CPU memory
     else:
         weights = layer.state_dict()
-    state = {}
-    for name, param in weights.items():
-        if name in UNIT_SLICES:
-            kind, dim = UNIT_SLICES[name]
-            param = param.index_select(dim, index[kind].to(param.device))
-        if name in fold:
-            param = (param.float() * fold[name].to(param.device)).to(param.dtype)
-        state[name] = param
+    state = sliced_state(weights, ffn_gate, kv_gate, units)
     with torch.device("meta"):
         sliced = build_layer(type(layer), layer_config, layer.self_attn.layer_idx)
     # A layer left with no KV group drops its q/k/v projections and input norm (NoAttention).
@@ -628,9 +671,40 @@ def slice_layer(layer, layer_config, ffn_gate: torch.Tensor, kv_gate: torch.Tens
     return sliced.requires_grad_(False)
 
 
+def fill_shards(module, state: dict, mesh: DeviceMesh) -> None:
+    """Copy into each sharded parameter of `module` its rank's part of `state` (whole tensors, or
+    DTensors sharded alike)."""
+    for name, param in module.state_dict().items():  # DTensors that share the parameters' storage
+        if name in state and param.numel():  # (an attention-free layer's o_proj has no column)
+            source = state[name]
+            if not isinstance(source, DTensor):
+                source = distribute_tensor(source, mesh, param.placements, src_data_rank=None)  # local slice
+            param.to_local().copy_(source.to_local())
+
+
+def slice_sharded(model, units: Units, gate: torch.Tensor):
+    """slice_model under FSDP2: a new model of the sliced widths, sharded alike, filled one gathered
+    layer at a time; each dense layer goes as its twin is filled, so no rank holds a whole model."""
+    mesh = model.model.embed_tokens.weight.device_mesh
+    with torch.device("meta"):
+        sliced = PRUNED_CLASSES[model.config.model_type]._from_config(model.config, dtype=model.dtype)
+    sliced.eval().requires_grad_(False)
+    shard(sliced, mesh)
+    sliced.to_empty(device=input_device(model))
+    for i, layer in enumerate(sliced.model.layers):
+        dense = {name: t.full_tensor() for name, t in model.model.layers[i].state_dict().items()}
+        fill_shards(layer, sliced_state(dense, units.ffn(gate)[i], units.kv(gate)[i], units), mesh)
+        model.model.layers[i] = torch.nn.Identity()  # its shards are freed
+    fill_shards(sliced, {n: t for n, t in model.state_dict().items() if not n.startswith("model.layers.")}, mesh)
+    for name, buffer in sliced.named_buffers():
+        buffer.copy_(model.get_buffer(name))
+    return sliced
+
+
 def slice_model(model, units: Units, gate: torch.Tensor):
     """Replace every decoder layer by its sliced twin, in place, record the shapes in the config's
-    `per_layer_config`, and make the model an instance of modeling_grasprune's class that reads them."""
+    `per_layer_config`, and make the model an instance of modeling_grasprune's class that reads them.
+    A model sharded by FSDP2 is sliced into a new sharded model, which is returned."""
     config = model.config
     kept_ffn = units.ffn(gate).count_nonzero(1).tolist()
     kept_kv = units.kv(gate).count_nonzero(1).tolist()
@@ -642,6 +716,8 @@ def slice_model(model, units: Units, gate: torch.Tensor):
         i: {"intermediate_size": f, "num_key_value_heads": k, "num_attention_heads": k * units.heads_per_group}
         for i, (f, k) in enumerate(zip(kept_ffn, kept_kv))
     }
+    if isinstance(model, FSDPModule):
+        return slice_sharded(model, units, gate)
     layers = model.model.layers
     for i in range(len(layers)):
         layers[i] = slice_layer(layers[i], config.per_layer_config[i], units.ffn(gate)[i], units.kv(gate)[i], units)
@@ -716,7 +792,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
     with activation_checkpointing(model, gradient_checkpointing):
         gate = calibrate_scales(model, units, mask, data, recipe, targets) if recipe.rescale else mask.float()
     lap("scaling_calibration")
-    slice_model(model, units, gate)
+    model = slice_model(model, units, gate)
     after = model_summary(model)
     lap("slicing")
     if evaluate:
@@ -755,11 +831,13 @@ def kv_width_of(layer) -> int:
 
 
 def model_summary(model) -> dict:
-    """Parameters (tied ones once), prunable parameters and KV-cache bytes per token."""
+    """Parameters (tied ones once), prunable parameters, KV-cache bytes per token, and the bytes of
+    weights this rank holds (all of them, or with FSDP2 its shards)."""
     prunable = sum(p.numel() for layer in model.model.layers for n, p in layer.named_parameters() if n in UNIT_SLICES)
     kv_width = sum(kv_width_of(layer) for layer in model.model.layers)
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
     return {"parameters": sum(p.numel() for p in model.parameters()), "prunable_parameters": prunable,
-            "kv_cache_bytes_per_token": 2 * kv_width * model.dtype.itemsize}
+            "kv_cache_bytes_per_token": 2 * kv_width * model.dtype.itemsize, "weight_bytes_on_rank": held}
 
 
 def layer_table(model, units: Units) -> list[dict]:

@@ -10,7 +10,7 @@ dense model's global values and a sparse `per_layer_config = {layer: {"intermedi
 "num_key_value_heads": ..., "num_attention_heads": ...}}`. transformers parses and saves it, and
 `config.per_layer_config[i]` resolves layer i's full config, but the Llama/Mistral/Qwen modeling
 code does not read it yet; the classes below do, and nothing else differs from the originals.
-The loaders at the end (`load_config`, `load_pretrained`) open dense models, GGUF files and
+The loaders at the end (`load_config`, `load_pretrained`, `load_tokenizer`) open dense models, GGUF files and
 these checkpoints without remote code; grasprune.py and export_gguf.py both use them.
 """
 
@@ -163,4 +163,10 @@ def load_pretrained(name: str, **kwargs) -> tuple[nn.Module, "AutoTokenizer"]:
     model_cls = PRUNED_CLASSES[config.model_type] if config.is_heterogeneous else AutoModelForCausalLM
     with quiet_global_reads():
         model = model_cls.from_pretrained(source, **extra, **kwargs)
-    return model, AutoTokenizer.from_pretrained(source, **extra)
+    return model, load_tokenizer(name)
+
+
+def load_tokenizer(name: str) -> "AutoTokenizer":
+    """The tokenizer of a hub id, a local folder, a .gguf file or a GRASPrune checkpoint."""
+    source, extra = source_of(name)
+    return AutoTokenizer.from_pretrained(source, **extra)

@@ -745,6 +745,8 @@ BAD_INPUTS = {
     "eval-windows 0": ("grasprune", ["--eval", "--eval-windows", "0"], "--eval-windows must be at least 1", True),
     "dtype int8": ("grasprune", ["--dtype", "int8"], "unknown --dtype 'int8'", True),
     "no cuda": ("grasprune", ["--device", "cuda"], "no CUDA device", True),
+    "fsdp in one process": ("grasprune", ["--fsdp"], "--fsdp shards the model over torchrun's ranks", True),
+    "fsdp with gguf": ("grasprune", ["--fsdp", "--gguf", "f16"], "with --fsdp, export the checkpoint instead", True),
     "ffn-multiple 24": ("grasprune", ["--ffn-multiple", "24"], "does not divide the FFN width 64", True),
     "budget too small": ("grasprune", ["--sparsity", "0.99"], "one FFN unit and one KV group", True),
     "seq-len 1": ("grasprune", ["--seq-len", "1"], "1 tokens: the model needs 2 to 512", True),
@@ -966,23 +968,54 @@ def torchrun(*argv: str, script: str = "grasprune.py") -> subprocess.CompletedPr
                           timeout=300)
 
 
-@pytest.mark.parametrize("switches", [[], ["--paper"]])
+@pytest.mark.parametrize("switches", [[], ["--paper"], ["--fsdp"], ["--fsdp", "--paper"]])
 def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(switches, tiny_folder):
     """Data parallel: each rank takes its share of every batch and the gradients are averaged, so
     2 ranks at batch 1 learn the mask and scales of 1 process at batch 2 (the defaults: teacher
-    targets and importance from each rank's share), and rank 0 alone writes."""
+    targets and importance from each rank's share), and rank 0 alone writes. With --fsdp each rank
+    holds half the weights, and the checkpoint has the same files and config."""
     run = ["--model", str(tiny_folder / "tiny"), "--calib", str(tiny_folder / "calib.txt"), "--nsamples", "8",
-           "--seq-len", "16", "--epochs", "2", "--sparsity", "0.4", *switches]
-    proc = torchrun(*run, "--batch-size", "1", "--output", str(tiny_folder / "ranks"))
+           "--seq-len", "16", "--epochs", "2", "--sparsity", "0.4", *[s for s in switches if s != "--fsdp"]]
+    fsdp = [s for s in switches if s == "--fsdp"]
+    proc = torchrun(*run, *fsdp, "--batch-size", "1", "--output", str(tiny_folder / "ranks"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert cli.main([*run, "--batch-size", "2", "--output", str(tiny_folder / "one")]) == 0
+    ranks, one = (tiny_folder / "ranks", tiny_folder / "one")
+    assert sorted(p.name for p in ranks.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert json.loads((ranks / "config.json").read_text()) == json.loads((one / "config.json").read_text())
     reports = [json.loads((tiny_folder / out / "grasprune_report.json").read_text()) for out in ("ranks", "one")]
     assert [r["world_size"] for r in reports] == [2, 1] and reports[0]["steps"] == reports[1]["steps"] == 8
+    held = [r["before"]["weight_bytes_on_rank"] for r in reports]
+    assert held[1] / 2 <= held[0] < held[1] if fsdp else held[0] == held[1]
     assert reports[0]["layers"] == reports[1]["layers"]
     assert reports[0]["final_loss"] == pytest.approx(reports[1]["final_loss"], rel=1e-4, abs=1e-7)
     ranks, one = (grasprune.load_model(str(tiny_folder / out))[0] for out in ("ranks", "one"))
     torch.testing.assert_close(ranks(inputs()).logits, one(inputs()).logits, atol=1e-5, rtol=1e-5)
     assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "one", "ranks", "tiny"]
+
+
+def test_fsdp_slices_and_saves_tied_embeddings_and_attention_free_layers_as_one_process_does(tiny_folder, tokenizer):
+    """FSDP2's own slicing (a new sharded model, filled a gathered layer at a time) and saving (a
+    tensor at a time): a tied Qwen2 whose mask leaves layers without attention gives the checkpoint
+    and the --eval figures of one process, tied embeddings stored once."""
+    tiny_model("qwen2", tie_word_embeddings=True).save_pretrained(tiny_folder / "tied")
+    tokenizer.save_pretrained(tiny_folder / "tied")
+    write_wikitext_test(tiny_folder / "data")
+    run = ["--model", str(tiny_folder / "tied"), "--calib", str(tiny_folder / "calib.txt"), "--nsamples", "4",
+           "--seq-len", "16", "--epochs", "1", "--sparsity", "0.8", "--kv-floor", "0", "--eval",
+           "--data-dir", str(tiny_folder / "data")]
+    proc = torchrun(*run, "--fsdp", "--batch-size", "1", "--output", str(tiny_folder / "ranks"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cli.main([*run, "--batch-size", "2", "--output", str(tiny_folder / "one")]) == 0
+    reports = [json.loads((tiny_folder / out / "grasprune_report.json").read_text()) for out in ("ranks", "one")]
+    assert reports[0]["layers"] == reports[1]["layers"] and 0 in [r["kv_groups"] for r in reports[0]["layers"]]
+    for model in ("dense", "masked", "pruned"):  # --eval on the sharded model
+        assert reports[0]["eval"][model]["perplexity"] == pytest.approx(reports[1]["eval"][model]["perplexity"])
+    assert json.loads((tiny_folder / "ranks" / "config.json").read_text()) == json.loads(
+        (tiny_folder / "one" / "config.json").read_text())
+    (ranks, _), (one, _) = (grasprune.load_model(str(tiny_folder / out)) for out in ("ranks", "one"))
+    assert ranks.lm_head.weight is ranks.model.embed_tokens.weight
+    torch.testing.assert_close(ranks(inputs()).logits, one(inputs()).logits, atol=1e-5, rtol=1e-5)
 
 
 RANK_1_STOPS = """
