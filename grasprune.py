@@ -684,7 +684,7 @@ def fill_shards(module, state: dict, mesh: DeviceMesh) -> None:
 
 def slice_sharded(model, units: Units, gate: torch.Tensor):
     """slice_model under FSDP2: a new model of the sliced widths, sharded alike, filled one gathered
-    layer at a time; each dense layer goes as its twin is filled, so no rank holds a whole model."""
+    tensor at a time; each dense layer goes once its twin is filled, so no rank holds a whole layer."""
     mesh = model.model.embed_tokens.weight.device_mesh
     with torch.device("meta"):
         sliced = PRUNED_CLASSES[model.config.model_type]._from_config(model.config, dtype=model.dtype)
@@ -692,8 +692,9 @@ def slice_sharded(model, units: Units, gate: torch.Tensor):
     shard(sliced, mesh)
     sliced.to_empty(device=input_device(model))
     for i, layer in enumerate(sliced.model.layers):
-        dense = {name: t.full_tensor() for name, t in model.model.layers[i].state_dict().items()}
-        fill_shards(layer, sliced_state(dense, units.ffn(gate)[i], units.kv(gate)[i], units), mesh)
+        ffn_gate, kv_gate = units.ffn(gate)[i], units.kv(gate)[i]
+        for name, tensor in model.model.layers[i].state_dict().items():
+            fill_shards(layer, sliced_state({name: tensor.full_tensor()}, ffn_gate, kv_gate, units), mesh)
         model.model.layers[i] = torch.nn.Identity()  # its shards are freed
     fill_shards(sliced, {n: t for n, t in model.state_dict().items() if not n.startswith("model.layers.")}, mesh)
     for name, buffer in sliced.named_buffers():

@@ -345,7 +345,13 @@ def test_ablation_mask_rules_keep_the_budget():
     assert units.kv(ablate.only("ffn")(scores, costs, budget, units, 1)).all()
     with pytest.raises(grasprune.UsageError, match="kv-only pruning cannot reach"):
         ablate.only("kv")(scores, costs, budget, units, 1)
-    assert ablate.row_settings("init+kd+m32+k8", 3)[0] == grasprune.Recipe(epochs=3, ffn_multiple=32, top_k=8)
+    assert ablate.row_settings("init+kd+m32+k8", 3, 8)[0] == grasprune.Recipe(epochs=3, ffn_multiple=32, top_k=8)
+    # annealN: every unit kept at the first step, the budget falling linearly to its target by N% of the steps
+    _, annealed = ablate.row_settings("anneal50", 2, 8)  # 16 steps at batch 1: the target from step 9 on
+    kept = [int(costs[annealed(scores, costs, budget, units, 1)].sum()) for _ in range(10)]
+    assert kept[0] == units.total_cost and kept == sorted(kept, reverse=True) and kept[7] > budget >= kept[8]
+    with pytest.raises(grasprune.UsageError, match="unknown row part 'anneal0'"):
+        ablate.row_settings("anneal0", 2, 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -968,7 +974,7 @@ def torchrun(*argv: str, script: str = "grasprune.py") -> subprocess.CompletedPr
                           timeout=300)
 
 
-@pytest.mark.parametrize("switches", [[], ["--paper"], ["--fsdp"], ["--fsdp", "--paper"]])
+@pytest.mark.parametrize("switches", [[], ["--paper"], ["--fsdp"], ["--fsdp", "--paper", "--gradient-checkpointing"]])
 def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(switches, tiny_folder):
     """Data parallel: each rank takes its share of every batch and the gradients are averaged, so
     2 ranks at batch 1 learn the mask and scales of 1 process at batch 2 (the defaults: teacher
@@ -1027,7 +1033,7 @@ runpy.run_path("grasprune.py", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("case", ["bad sparsity", "batches do not split", "rank 1 stopped"])
+@pytest.mark.parametrize("case", ["bad sparsity", "batches do not split", "rank 1 stopped", "rank 1 stopped, fsdp"])
 def test_a_refusal_or_a_stopped_rank_under_torchrun_stops_all_and_leaves_nothing(case, tiny_folder):
     """Bad input: one `grasprune: error:` line (rank 0's), a non-zero exit, nothing written. A rank
     stopped mid-run stops the others (torchrun), and nothing is left behind either."""
@@ -1038,6 +1044,7 @@ def test_a_refusal_or_a_stopped_rank_under_torchrun_stops_all_and_leaves_nothing
         "batches do not split": (["--nsamples", "3"], "grasprune: error: 3 calibration sequences do not split",
                                  "grasprune.py"),
         "rank 1 stopped": ([], None, str(tiny_folder / "stop.py")),
+        "rank 1 stopped, fsdp": (["--fsdp"], None, str(tiny_folder / "stop.py")),
     }[case]
     (tiny_folder / "stop.py").write_text(RANK_1_STOPS)
     proc = torchrun(*run, *argv, script=script)

@@ -9,7 +9,8 @@ zero-shot accuracy and its cost.
 
 A row is a "+"-joined list of changes to the paper's recipe ("published": none): init (Fisher
 starting scores), kd (self-distillation), kv-floor-0, no-rescale, mN (FFN units of N channels),
-kN (distillation keeps the dense model's top N tokens), and the paper's own ablation rules
+kN (distillation keeps the dense model's top N tokens), annealN (the budget falls from dense to
+the target over the first N% of gate training's steps), and the paper's own ablation rules
 uniform, ffn-only, kv-only, per-parameter. Selection is by held-out perplexity (PTB validation by default:
 no overlap with the WikiText-2 calibration text);
 the WikiText-2 test columns are reported, never used to choose. Rows append to --output as they
@@ -65,14 +66,27 @@ def uniform(scores: torch.Tensor, costs: torch.Tensor, budget: int, units: Units
     return keep
 
 
+def annealed(rule, steps: int):
+    """A budget that falls linearly from every unit kept to the target over the first `steps` calls
+    (gate training projects once per step, then once for the final mask): the mask starts dense and
+    the scores learn which units to drop while the model still works, before the budget binds."""
+    calls = [0]
+
+    def project(scores, costs, budget, units, kv_floor):
+        above = (int(costs.sum()) - budget) * max(0, steps - calls[0]) // steps
+        calls[0] += 1
+        return rule(scores, costs, budget + above, units, kv_floor)
+    return project
+
+
 CHANGES = {"init": {"init": "importance"}, "kd": {"loss": "kd"}, "kv-floor-0": {"kv_floor": 0},
            "no-rescale": {"rescale": False}}
 RULES = {"uniform": uniform, "ffn-only": only("ffn"), "kv-only": only("kv"), "per-parameter": per_parameter}
 
 
-def row_settings(name: str, epochs: int) -> tuple[Recipe, object]:
+def row_settings(name: str, epochs: int, nsamples: int) -> tuple[Recipe, object]:
     """The recipe and mask rule of a row: the paper's recipe with the row's changes."""
-    recipe, rule = dataclasses.replace(Recipe.paper(), epochs=epochs), project_to_budget
+    recipe, rule, anneal = dataclasses.replace(Recipe.paper(), epochs=epochs), project_to_budget, 0
     for part in name.split("+") if name != "published" else ():
         if part in CHANGES:
             recipe = dataclasses.replace(recipe, **CHANGES[part])
@@ -80,8 +94,13 @@ def row_settings(name: str, epochs: int) -> tuple[Recipe, object]:
             rule = RULES[part]
         elif part[0] in "mk" and part[1:].isdigit():  # mN: FFN units of N channels; kN: top N targets
             recipe = dataclasses.replace(recipe, **{"ffn_multiple" if part[0] == "m" else "top_k": int(part[1:])})
+        elif part.startswith("anneal") and part[6:].isdigit() and 0 < int(part[6:]) <= 100:
+            anneal = int(part[6:])
         else:
-            raise grasprune.UsageError(f"unknown row part {part!r}: use {', '.join([*CHANGES, *RULES])}, mN or kN")
+            raise grasprune.UsageError(f"unknown row part {part!r}: use {', '.join([*CHANGES, *RULES])}, mN, kN "
+                                       "or annealN")
+    if anneal:  # over the first anneal% of the steps
+        rule = annealed(rule, max(1, anneal * recipe.epochs * nsamples // recipe.batch_size // 100))
     return recipe, rule
 
 
@@ -116,7 +135,7 @@ def report_row(name: str, report: dict) -> dict:
 
 def run_row(name: str, dense, tokenizer, data: torch.Tensor, texts: dict, args) -> dict:
     """grasprune.prune with the row's settings, on a copy of the dense model."""
-    recipe, rule = row_settings(name, args.epochs)
+    recipe, rule = row_settings(name, args.epochs, len(data))
     torch.manual_seed(args.seed)
     model, report = grasprune.prune(copy.deepcopy(dense), data, args.sparsity, recipe, project=rule)
     return report_row(name, report) | {"recipe": report["recipe"]} | measure(model, tokenizer, texts, args)

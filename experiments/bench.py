@@ -6,9 +6,12 @@
   python experiments/bench.py recipes --model M    a gate-training step of the defaults vs one of
                                                    the paper's recipe, side by side, and the
                                                    defaults' one-off costs
-  python experiments/bench.py memory               gate-training memory of LLaMA-2-7B (bf16, 512
-                                                   tokens): activations measured on 1- and 2-layer
-                                                   random-weight models of its shapes, extrapolated
+  python experiments/bench.py memory               gate-training memory per GPU of LLaMA-2-7B, 70B
+                                                   and Llama-3.1-405B under FSDP2 (bf16, 512 tokens):
+                                                   activations measured on random-weight models of
+                                                   their shapes with 1 and 2 layers, the rest arithmetic
+  python experiments/bench.py fsdp                 that arithmetic checked by torchrun --fsdp, 2 ranks
+                                                   on this CPU, random weights, fewer layers
   python experiments/bench.py widths               time per FFN channel at odd and round widths
   python experiments/bench.py serving M1 M2 ...    parameters, weight and KV-cache bytes, prefill and
                                                    decode speed, peak memory; one process per model
@@ -167,39 +170,182 @@ def recipes(args) -> None:
     }, indent=2))
 
 
-LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096}
+# Decoder shapes of the models the docs size.
+SHAPES = {
+    "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "vocab_size": 32000, "num_hidden_layers": 32},
+    "llama-2-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                    "num_key_value_heads": 8, "vocab_size": 32000, "num_hidden_layers": 80},
+    "llama-3.1-405b": {"hidden_size": 16384, "intermediate_size": 53248, "num_attention_heads": 128,
+                       "num_key_value_heads": 8, "vocab_size": 128256, "num_hidden_layers": 126},
+}
+GIB = 2**30
+
+
+def shaped(name: str, layers: int, **overrides):
+    """A LlamaConfig with the named model's shapes and `layers` decoder layers."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[name] | {"num_hidden_layers": layers, "max_position_embeddings": 4096} | overrides)
+
+
+def random_model(config):
+    """Random weights in bf16, made in bf16 (a float32 copy of a 405B layer would not fit here)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval().requires_grad_(False)
+
+
+def parameters_of(config) -> tuple[int, int]:
+    """Parameters of one decoder layer, and of the rest (embeddings, final norm, lm_head)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    return layer, sum(p.numel() for p in model.parameters()) - config.num_hidden_layers * layer
+
+
+def saved_bytes(config, seq_len: int) -> int:
+    """Memory autograd holds for the backward pass of one gate-training step (the paper's recipe,
+    batch 1): every saved tensor's storage once. The frozen weights are saved by reference, not
+    copied, so they are not counted (they are in the weights' own figure)."""
+    model = random_model(config)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    units = grasprune.find_units(model)
+    data = torch.randint(config.vocab_size, (1, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), PAPER_STEP)
+    return sum(held.values())
+
+
+def activations(name: str, seq_len: int) -> tuple[int, int]:
+    """Bytes saved for backward by one decoder layer of the named shapes, and by the rest (embeddings,
+    logits, loss), at `seq_len` tokens: measured on random-weight models of 1 and 2 layers."""
+    one, two = (saved_bytes(shaped(name, layers), seq_len) for layers in (1, 2))
+    return two - one, 2 * one - two
+
+
+def per_gpu_bytes(name: str, ranks: int, per_layer: int, fixed: int, seq_len: int, dtype_bytes: int = 2) -> dict:
+    """Gate training's memory on each of `ranks` GPUs under FSDP2 (1: one GPU, no FSDP), by arithmetic:
+    the rank's shards of the weights; gathered whole during a step, the root (embeddings, lm_head,
+    kept for the step) and two decoder layers (the one computing and the one prefetched), and FSDP2's
+    all-gather buffer, which holds a group a second time while it is copied out; the activations of
+    one sequence; the gate scores with their gradient and Adam's two moments (fp32)."""
+    config = shaped(name, SHAPES[name]["num_hidden_layers"])
+    layer, root = parameters_of(config)
+    layers = config.num_hidden_layers
+    units = layers * (config.intermediate_size + config.num_key_value_heads)
+    sharded = ranks > 1  # one GPU holds the whole model and gathers nothing
+    parts = {"weight_shards": dtype_bytes * (layers * layer + root) / ranks,
+             "gathered_root_and_two_layers": sharded * dtype_bytes * (root + 2 * layer),
+             "all_gather_buffer": sharded * dtype_bytes * max(root, layer),
+             "activations": (layers * per_layer + fixed) * seq_len // SEQ_MEASURED, "gate_state": 16 * units}
+    # --gradient-checkpointing keeps each layer's input (bf16) and one layer's activations at a time
+    checkpointed = layers * seq_len * config.hidden_size * 2 + per_layer * seq_len // SEQ_MEASURED
+    checkpointed += fixed * seq_len // SEQ_MEASURED
+    return {k: v / GIB for k, v in parts.items()} | {
+        "total": sum(parts.values()) / GIB,
+        "total_with_gradient_checkpointing": (sum(parts.values()) - parts["activations"] + checkpointed) / GIB}
+
+
+SEQ_MEASURED = 512  # the paper's sequence length: activations are measured there
 
 
 def memory(args) -> None:
-    """Peak memory of gate training for LLaMA-2-7B, from what one step saves for backward.
-    With 1 and 2 layers the difference is one layer's activations; the rest (embeddings, logits,
-    loss) is fixed. Checkpointing keeps only each layer's input, plus one layer being recomputed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Gate training's memory per GPU at the paper's setting (bf16, 512 tokens, batch 1) for
+    LLaMA-2-7B, LLaMA-2-70B and Llama-3.1-405B: activations measured on 1- and 2-layer random-weight
+    models of their shapes (405B: 1 layer, its fixed part from 1 and 2 layers of a tiny FFN, as two of
+    its layers do not fit here), the rest by arithmetic."""
+    rows = {}
+    for name, ranks in (("llama-2-7b", (1, 8)), ("llama-2-70b", (8, 16)), ("llama-3.1-405b", (16, 32, 64))):
+        if name == "llama-3.1-405b":  # two of its layers do not fit here: the fixed part from layers of a tiny FFN
+            one, two = (saved_bytes(shaped(name, layers, intermediate_size=64), SEQ_MEASURED) for layers in (1, 2))
+            fixed = 2 * one - two
+            per_layer = saved_bytes(shaped(name, 1), SEQ_MEASURED) - fixed
+        else:
+            per_layer, fixed = activations(name, SEQ_MEASURED)
+        rows[name] = {"activations_per_layer_GiB": per_layer / GIB, "fixed_activations_GiB": fixed / GIB}
+        rows[name] |= {f"{n}_gpus": per_gpu_bytes(name, n, per_layer, fixed, SEQ_MEASURED) for n in ranks}
+        print(json.dumps({name: rows[name]}, indent=2), flush=True)
 
-    saved = {}
-    for layers in (1, 2):
-        torch.manual_seed(0)
-        config = LlamaConfig(**LLAMA2_7B, num_hidden_layers=layers)
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
-        units = grasprune.find_units(model)
-        data = torch.randint(config.vocab_size, (1, args.seq_len))
-        total = [0]
-        with saved_activation_bytes(total):
-            grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), PAPER_STEP)
-        saved[layers] = total[0]
-        units_count = units.count // layers
-    per_layer, fixed = saved[2] - saved[1], 2 * saved[1] - saved[2]
-    weights = 6_738_415_616 * 2  # LLaMA-2-7B parameters in bf16
-    gates = 32 * units_count * 4 * 4  # fp32 scores, their gradient, Adam's two moments
-    layer_input = args.seq_len * LLAMA2_7B["hidden_size"] * 2
-    gib = 2**30
-    print(json.dumps({
-        "seq_len": args.seq_len, "per_layer_activations_GiB": per_layer / gib, "fixed_activations_GiB": fixed / gib,
-        "weights_GiB": weights / gib, "gate_state_GiB": gates / gib,
-        "estimate_GiB": (weights + gates + fixed + 32 * per_layer) / gib,
-        "estimate_with_checkpointing_GiB": (weights + gates + fixed + 32 * layer_input + per_layer) / gib,
-    }, indent=2))
+
+# One rank of `torchrun grasprune.py --fsdp`, recording its memory: resident memory after the libraries
+# load (the baseline) and its peak, in RANK<n>.json beside the output.
+RANK_MEMORY = """
+import json, os, resource, sys
+sys.path.insert(0, {root!r})
+import cli
+
+def resident_gib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+baseline = resident_gib()
+try:
+    code = cli.main(sys.argv[1:])
+finally:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with open(os.path.join({out!r}, "RANK" + os.environ["RANK"] + ".json"), "w") as f:
+        json.dump({{"baseline_gib": baseline, "peak_gib": peak}}, f)
+sys.exit(code)
+"""
+
+
+def word_tokenizer(folder: Path) -> None:
+    """A tokenizer of 258 ids (bytes and two specials): the random models need only some ids to read."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1} | {chr(i): i + 2 for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+def fsdp(args) -> None:
+    """The arithmetic of per_gpu_bytes checked on this CPU: `torchrun --nproc-per-node 2 grasprune.py
+    --fsdp --paper` on random-weight models of LLaMA-2-7B's and LLaMA-2-70B's layer shapes with fewer
+    layers, bf16, gloo; rank 1's peak resident memory above its baseline, against the prediction at
+    that size (the largest of gate training's figure and slicing's: old shards, new shards, one whole
+    tensor and its slice). Rank 0 also reads the dense model into CPU memory to send the shards."""
+    root = str(Path(__file__).resolve().parent.parent)
+    for name, layers in (("llama-2-7b", 4), ("llama-2-70b", 2)):
+        config = shaped(name, layers)
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            random_model(config).save_pretrained(tmp / "model")
+            word_tokenizer(tmp / "model")
+            (tmp / "calib.txt").write_text("".join(chr(32 + i % 90) for i in range(4 * args.seq_len)))
+            (tmp / "rank.py").write_text(RANK_MEMORY.format(root=root, out=str(tmp)))
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            str(tmp / "rank.py"), "--model", str(tmp / "model"), "--calib", str(tmp / "calib.txt"),
+                            "--nsamples", "2", "--seq-len", str(args.seq_len), "--epochs", "1", "--batch-size", "1",
+                            "--paper", "--fsdp", "--dtype", "bfloat16", "--output", str(tmp / "out")],
+                           check=True, capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+            ranks = [json.loads((tmp / f"RANK{r}.json").read_text()) for r in (0, 1)]
+            report = json.loads((tmp / "out" / "grasprune_report.json").read_text())
+        per_layer, fixed = activations(name, args.seq_len)
+        layer, rest = parameters_of(config)
+        shards = report["before"]["weight_bytes_on_rank"]
+        training = shards + 2 * (rest + 2 * layer + max(rest, layer)) + layers * per_layer + fixed
+        largest = 2 * config.intermediate_size * config.hidden_size  # an FFN matrix, bf16
+        slicing = shards + report["after"]["weight_bytes_on_rank"] + 2 * largest
+        measured = ranks[1]["peak_gib"] - ranks[1]["baseline_gib"]
+        print(json.dumps({name: {
+            "layers": layers, "seq_len": args.seq_len, "weight_bytes_on_rank_GiB": shards / GIB,
+            "predicted_gate_training_GiB": training / GIB, "predicted_slicing_GiB": slicing / GIB,
+            "rank1_measured_GiB": measured, "measured_over_predicted": measured * GIB / max(training, slicing),
+            "rank0_measured_GiB": ranks[0]["peak_gib"] - ranks[0]["baseline_gib"],
+            "dense_model_GiB": 2 * (layers * layer + rest) / GIB,
+        }}, indent=2), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,8 +470,9 @@ def main() -> None:
         q.add_argument("--model", required=True)
         q.add_argument("--seq-len", type=int, default=512)
         q.add_argument("--steps", type=int, default=8, help="training steps per timed run")
-    m = sub.add_parser("memory", help="gate-training memory of LLaMA-2-7B, extrapolated from 1 and 2 layers")
-    m.add_argument("--seq-len", type=int, default=512)
+    sub.add_parser("memory", help="gate-training memory per GPU of LLaMA-2-7B, 70B, Llama-3.1-405B under FSDP2")
+    f = sub.add_parser("fsdp", help="the memory arithmetic checked by torchrun --fsdp on this CPU (2 ranks)")
+    f.add_argument("--seq-len", type=int, default=128)
     w = sub.add_parser("widths", help="time per FFN channel at widths on and off multiples of 64")
     w.add_argument("--hidden", type=int, default=576, help="hidden size (576: SmolLM2-135M)")
     w.add_argument("--widths", type=int, nargs="+", default=[640, 601, 663, 704, 1024, 987, 1013, 1088])
@@ -348,8 +495,8 @@ def main() -> None:
         q.add_argument("--dtype")
     args = p.parse_args()
     torch.manual_seed(0)
-    commands = {"overhead": overhead, "recipes": recipes, "memory": memory, "widths": widths, "serving": serving,
-                "ranks": ranks}
+    commands = {"overhead": overhead, "recipes": recipes, "memory": memory, "fsdp": fsdp, "widths": widths,
+                "serving": serving, "ranks": ranks}
     commands[args.command](args)
 
 
