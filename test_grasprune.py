@@ -1000,6 +1000,25 @@ def test_two_ranks_at_batch_1_equal_one_process_at_batch_2(switches, tiny_folder
     assert sorted(p.name for p in tiny_folder.iterdir()) == ["calib.txt", "one", "ranks", "tiny"]
 
 
+def test_save_sharded_writes_what_save_pretrained_writes_in_several_files(tmp_path):
+    """cli.save_sharded (FSDP2's saving; a plain model takes the same path) in files of at most 20 kB:
+    an index, the config of save_pretrained, and a model that loads with the same logits."""
+    model = tiny_model("qwen2", tie_word_embeddings=True)
+    units = grasprune.find_units(model)
+    grasprune.slice_model(model, units, random_gate(units, seed=3))
+    streamed, library = tmp_path / "streamed", tmp_path / "library"
+    streamed.mkdir()
+    cli.save_sharded(model, streamed, shard_bytes=20_000)
+    model.save_pretrained(library)
+    assert json.loads((streamed / "config.json").read_text()) == json.loads((library / "config.json").read_text())
+    weight_map = json.loads((streamed / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(p.name for p in streamed.glob("model-*.safetensors"))
+    assert len(files) > 2 and sorted(set(weight_map.values())) == files and "lm_head.weight" not in weight_map
+    reloaded = grasprune.load_model(str(streamed))[0]
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    torch.testing.assert_close(reloaded(inputs()).logits, model(inputs()).logits, atol=0, rtol=0)
+
+
 def test_fsdp_slices_and_saves_tied_embeddings_and_attention_free_layers_as_one_process_does(tiny_folder, tokenizer):
     """FSDP2's own slicing (a new sharded model, filled a gathered layer at a time) and saving (a
     tensor at a time): a tied Qwen2 whose mask leaves layers without attention gives the checkpoint
