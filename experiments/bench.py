@@ -57,14 +57,20 @@ def seconds(fn, repeats: int) -> float:
 
 
 @contextmanager
-def saved_activation_bytes(total: list[int]):
-    """Adds up the bytes of every tensor that autograd saves for the backward pass."""
+def saved_activation_bytes(total: list[int], model):
+    """Adds up the memory autograd holds for the backward pass: every saved tensor's storage once, but
+    the model's frozen weights, which it saves by reference (to compute the input's gradient)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    held = {}
+
     def pack(t: torch.Tensor) -> torch.Tensor:
-        total[0] += t.numel() * t.element_size()
+        if t.untyped_storage().data_ptr() not in weights:
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield
+    total[0] += sum(held.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +114,7 @@ def overhead(args) -> None:
         total = [0]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        with saved_activation_bytes(total):
+        with saved_activation_bytes(total, model):
             step()
         memory[name] = {"saved_activation_MiB": total[0] / 2**20}
         if torch.cuda.is_available():
@@ -209,22 +215,14 @@ def parameters_of(config) -> tuple[int, int]:
 
 def saved_bytes(config, seq_len: int) -> int:
     """Memory autograd holds for the backward pass of one gate-training step (the paper's recipe,
-    batch 1): every saved tensor's storage once. The frozen weights are saved by reference, not
-    copied, so they are not counted (they are in the weights' own figure)."""
+    batch 1) on a random-weight model of `config`."""
     model = random_model(config)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    held = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in weights:
-            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     units = grasprune.find_units(model)
     data = torch.randint(config.vocab_size, (1, seq_len))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    total = [0]
+    with saved_activation_bytes(total, model):
         grasprune.train_gates(model, units, data, grasprune.budget_for(units, 0.5), PAPER_STEP)
-    return sum(held.values())
+    return total[0]
 
 
 def activations(name: str, seq_len: int) -> tuple[int, int]:
