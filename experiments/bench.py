@@ -225,11 +225,15 @@ def saved_bytes(config, seq_len: int) -> int:
     return total[0]
 
 
-def activations(name: str, seq_len: int) -> tuple[int, int]:
+def activations(name: str, seq_len: int, tiny_ffn: bool = False) -> tuple[int, int]:
     """Bytes saved for backward by one decoder layer of the named shapes, and by the rest (embeddings,
-    logits, loss), at `seq_len` tokens: measured on random-weight models of 1 and 2 layers."""
-    one, two = (saved_bytes(shaped(name, layers), seq_len) for layers in (1, 2))
-    return two - one, 2 * one - two
+    logits, loss), at `seq_len` tokens: the rest from random-weight models of 1 and 2 layers (with
+    `tiny_ffn`, layers of a 64-channel FFN, for shapes two of whose layers do not fit here), the
+    layer from one of its own."""
+    small = {"intermediate_size": 64} if tiny_ffn else {}
+    one, two = (saved_bytes(shaped(name, layers, **small), seq_len) for layers in (1, 2))
+    fixed = 2 * one - two
+    return (saved_bytes(shaped(name, 1), seq_len) if tiny_ffn else one) - fixed, fixed
 
 
 def per_gpu_bytes(name: str, ranks: int, per_layer: int, fixed: int, seq_len: int, dtype_bytes: int = 2) -> dict:
@@ -263,17 +267,11 @@ def memory(args) -> None:
     LLaMA-2-7B, LLaMA-2-70B and Llama-3.1-405B: activations measured on 1- and 2-layer random-weight
     models of their shapes (405B: 1 layer, its fixed part from 1 and 2 layers of a tiny FFN, as two of
     its layers do not fit here), the rest by arithmetic."""
-    rows = {}
     for name, ranks in (("llama-2-7b", (1, 8)), ("llama-2-70b", (8, 16)), ("llama-3.1-405b", (16, 32, 64))):
-        if name == "llama-3.1-405b":  # two of its layers do not fit here: the fixed part from layers of a tiny FFN
-            one, two = (saved_bytes(shaped(name, layers, intermediate_size=64), SEQ_MEASURED) for layers in (1, 2))
-            fixed = 2 * one - two
-            per_layer = saved_bytes(shaped(name, 1), SEQ_MEASURED) - fixed
-        else:
-            per_layer, fixed = activations(name, SEQ_MEASURED)
-        rows[name] = {"activations_per_layer_GiB": per_layer / GIB, "fixed_activations_GiB": fixed / GIB}
-        rows[name] |= {f"{n}_gpus": per_gpu_bytes(name, n, per_layer, fixed, SEQ_MEASURED) for n in ranks}
-        print(json.dumps({name: rows[name]}, indent=2), flush=True)
+        per_layer, fixed = activations(name, SEQ_MEASURED, tiny_ffn=name == "llama-3.1-405b")
+        row = {"activations_per_layer_GiB": per_layer / GIB, "fixed_activations_GiB": fixed / GIB}
+        row |= {f"{n}_gpus": per_gpu_bytes(name, n, per_layer, fixed, SEQ_MEASURED) for n in ranks}
+        print(json.dumps({name: row}, indent=2), flush=True)
 
 
 # One rank of `torchrun grasprune.py --fsdp`, recording its memory: resident memory after the libraries
