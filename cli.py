@@ -22,8 +22,11 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
 
 import grasprune
 import modeling_grasprune
@@ -87,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data (no network)")
     p.add_argument("--nsamples", type=int, default=512, help="calibration sequences (%(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (%(default)s)")
-    p.add_argument("--paper", action="store_true", help="the paper's recipe: --init zeros --loss lm")
+    p.add_argument("--paper", action="store_true", help="the paper's recipe: --init zeros --loss lm --recover-rank 0")
     recipe = p.add_argument_group("recipe (default / with --paper)")
     for name, kind, choices, text in (
         ("batch_size", int, None, "calibration sequences per optimizer step"),
@@ -99,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
         ("top_k", int, None, "with kd: the dense model's most likely tokens kept per calibration token"),
         ("kv_floor", int, (0, 1), "KV groups every layer keeps; 0 lets a layer drop its whole attention block"),
         ("ffn_multiple", int, None, "keep every FFN width a multiple of it (whole blocks of the final mask)"),
+        ("recover_rank", int, None, "recovery: rank of the merged correction of every kept weight; 0: none"),
+        ("recover_lr", float, None, "recovery: AdamW learning rate of the correction's factors"),
     ):
         recipe.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices,
                             help=f"{text} ({getattr(default, name)} / {getattr(paper, name)})")
@@ -153,7 +158,7 @@ def join_data_parallel(args: argparse.Namespace) -> int:
 
 # ---- The report and the checkpoint ----
 def print_report(report: dict) -> None:
-    """The per-layer table, what was removed, the cost of gate training and the --eval figures."""
+    """The per-layer table, what was removed, the cost of gate training and recovery, the --eval figures."""
     units = report["units"]
     width, kv = units["ffn_per_layer"], units["kv_per_layer"]
     print(f"{'layer':>5} {'FFN channels':>14} {'KV groups':>10} {'Q heads':>8} {'parameters':>12}")
@@ -165,8 +170,9 @@ def print_report(report: dict) -> None:
           f"({report['parameters_removed']:.2%} removed); prunable {before['prunable_parameters']:,} -> "
           f"{after['prunable_parameters']:,} ({report['prunable_removed']:.2%} removed); KV cache "
           f"{before['kv_cache_bytes_per_token']:,} -> {after['kv_cache_bytes_per_token']:,} bytes/token")
-    print(f"[grasprune] gate training: {report['seconds']['gate_training']:.0f} s, peak memory "
-          + ", ".join(f"{device} {gib:.2f} GiB" for device, gib in report["peak_memory_gib"]["gate_training"].items()))
+    for stage in ("gate_training", "recovery"):
+        print(f"[grasprune] {stage.replace('_', ' ')}: {report['seconds'][stage]:.0f} s, peak memory "
+              + ", ".join(f"{device} {gib:.2f} GiB" for device, gib in report["peak_memory_gib"][stage].items()))
     for name, q in report["eval"].items():
         print(f"[grasprune] {name:>6}: WikiText-2 test perplexity {q['perplexity']:.2f}, decode "
               f"{q['decode_tokens_per_s']:.1f} tokens/s, {q['prompt']!r} -> {q['continuation']!r}")
@@ -257,6 +263,57 @@ def save_checkpoint(model, tokenizer, report: dict, output: Path, overwrite: boo
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
+# ---- What only the command line loads: units before the weights, sharded weights, sampled text ----
+def units_of_config(config) -> grasprune.Units:
+    """grasprune.find_units for a model not loaded yet, read off a weightless copy: the budget is
+    checked before the weights load."""
+    if config.is_heterogeneous:
+        raise UsageError(grasprune.ALREADY_PRUNED)
+    with torch.device("meta"):
+        return grasprune.find_units(AutoModelForCausalLM.from_config(config))
+
+
+def load_sharded(name: str, device: str | None = None, dtype: str | None = None):
+    """grasprune.load_model for a model bigger than one GPU, under torchrun (--fsdp): each rank holds
+    1/world of the weights (FSDP2). Rank 0 reads them into CPU memory and sends every rank its
+    shards, a tensor at a time; the other ranks start from a weightless copy."""
+    device, torch_dtype = grasprune.resolve_device_dtype(device, dtype)
+    rank, world = grasprune.rank_and_world()
+    if rank == 0:
+        dense, tokenizer = grasprune.load_model(name, "cpu", str(torch_dtype).removeprefix("torch."))
+    else:
+        with grasprune.reading(f"the tokenizer of {name!r}"):
+            tokenizer = modeling_grasprune.load_tokenizer(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(grasprune.load_config(name), dtype=torch_dtype)
+    model.eval().requires_grad_(False)
+    grasprune.shard(model, init_device_mesh(device.type, (world,)))
+    model.to_empty(device=device)
+    set_model_state_dict(model, dense.state_dict() if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer_name, buffer in model.named_buffers():  # rotary frequencies: computed, not in the state dict
+        if rank == 0:
+            buffer.copy_(dense.get_buffer(buffer_name))
+        dist.broadcast(buffer, 0)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
+    """Data-free calibration (--calib self): (N, L) tokens sampled from the model, each from BOS (or EOS)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    batches = []
+    for first in grasprune.progress(range(0, n, batch_size), desc="sampling calibration text"):
+        prompt = torch.full((min(batch_size, n - first), 1), start, device=grasprune.input_device(model))
+        batches.append(model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
+            temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+            pad_token_id=tokenizer.eos_token_id,
+        ).cpu())
+    return torch.cat(batches)
+
+
 # ---- The run ----
 def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     """Refuse what can be refused before the weights load; then calibrate, prune, report and save."""
@@ -268,7 +325,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     grasprune.resolve_device_dtype(args.device, args.dtype)
     config = grasprune.load_config(args.model)
     grasprune.check_sequence_length(args.seq_len, config)
-    units = grasprune.in_blocks(grasprune.units_of_config(config), recipe.ffn_multiple)
+    units = grasprune.in_blocks(units_of_config(config), recipe.ffn_multiple)
     grasprune.budget_for(units, args.sparsity, recipe.kv_floor)
     grasprune.rank_share(torch.empty(args.nsamples, 0), recipe.batch_size)  # refused now if the ranks cannot share it
     if args.gguf:
@@ -277,14 +334,14 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     eval_text = load_text("wikitext2", "test", args.data_dir) if args.eval else None
     start = time.perf_counter()
     if args.fsdp:
-        model, tokenizer = grasprune.load_sharded(args.model, args.device, args.dtype)
+        model, tokenizer = load_sharded(args.model, args.device, args.dtype)
     else:
         model, tokenizer = grasprune.load_model(args.model, args.device, args.dtype, args.device_map)
     gguf_tokenizer = args.model if args.model.endswith(".gguf") else None  # carried over unchanged
     if args.gguf and gguf_tokenizer is None:
         export_gguf.tokenizer_spec(tokenizer, config.vocab_size)  # refused now, not after the run
     if text is None:
-        data = grasprune.sample_from_model(model, tokenizer, args.nsamples, args.seq_len, args.seed)
+        data = sample_from_model(model, tokenizer, args.nsamples, args.seq_len, args.seed)
     else:
         data = grasprune.calibration_batches(tokenizer, text, args.nsamples, args.seq_len, args.seed)
     loading = round(time.perf_counter() - start, 2)

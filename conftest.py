@@ -60,6 +60,16 @@ def recipe(**overrides) -> grasprune.Recipe:
     return grasprune.Recipe(**{"epochs": 2, "batch_size": 2, "init": "zeros", "loss": "lm"} | overrides)
 
 
+def sliced_model(name: str, no_attention: int | None = None):
+    """A tiny model of the family, sliced at a random mask (layer `no_attention` keeps no KV group)."""
+    model = tiny_model(name)
+    units = grasprune.find_units(model)
+    gate = random_gate(units, seed=3)
+    if no_attention is not None:
+        units.kv(gate)[no_attention] = 0.0
+    return grasprune.slice_model(model, units, gate)
+
+
 def random_gate(units: Units, seed: int) -> torch.Tensor:
     """Random 0/1 mask with random scales in [0.5, 1.5), at least one unit of each kind per layer."""
     g = torch.Generator().manual_seed(seed)

@@ -2,8 +2,9 @@
 
 Reference implementation of Wang et al. (ACL 2026, arXiv 2604.19398), in pipeline order: 0 the recipe,
 1 loading a frozen model, 2 calibration data, 3 prunable units and their exact costs, 4 gates, 5 projection
-onto one global budget, 6 gate training (straight-through), 7 scaling calibration, 8 slicing, 9 `prune()`
-(steps 3 to 8 on a loaded model), 10 the report's figures. The command line is in cli.py.
+onto one global budget, 6 gate training (straight-through), 7 scaling calibration, 8 slicing, 9 recovery
+(this project's), 10 `prune()` (steps 3 to 9 on a loaded model), 11 the report's figures. The command line
+is in cli.py.
 """
 
 import contextlib
@@ -16,19 +17,17 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 import modeling_grasprune
-from modeling_grasprune import PRUNED_CLASSES, build_layer, load_pretrained, load_tokenizer
+from modeling_grasprune import PRUNED_CLASSES, build_layer, load_pretrained
 
 SUPPORTED_MODEL_TYPES = tuple(PRUNED_CLASSES)
 
@@ -63,7 +62,7 @@ def reading(what: str):
         logger.setLevel(level)
 
 
-# ---- 0. The recipe ------------------------------------------------------------------------------
+# ---- 0. The recipe -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Every setting of the method: the defaults are this project's (docs/ablations.md), `Recipe.paper()`
@@ -79,11 +78,13 @@ class Recipe:
     kv_floor: int = 1  # KV groups every layer keeps: 1 (paper), or 0 to let a layer drop attention
     ffn_multiple: int = 1  # every kept FFN width a multiple of it (llama.cpp quantizes whole blocks)
     rescale: bool = True  # scaling calibration after gate training
+    recover_rank: int = 32  # recovery: rank of the merged correction of every kept weight; 0: none (paper)
+    recover_lr: float = 1e-3  # AdamW, for the correction's factors
 
     @classmethod
     def paper(cls) -> "Recipe":
-        """The paper's recipe: scores from 0, the LM loss."""
-        return cls(init="zeros", loss="lm")
+        """The paper's recipe: scores from 0, the LM loss, no recovery."""
+        return cls(init="zeros", loss="lm", recover_rank=0)
 
     def validate(self) -> None:
         """Refuse a setting of the wrong type or value (`epochs=1.5`, `tau=inf`) before any work."""
@@ -92,15 +93,15 @@ class Recipe:
             value = getattr(self, field.name)
             ok = isinstance(value, (int, float) if field.type is float else field.type)
             ok = ok and (field.type is bool or not isinstance(value, bool))
-            if ok and field.type in (int, float):  # counts at least 1, rates positive and finite
-                ok = math.isfinite(value) and value > 0 or field.name == "kv_floor"
+            if ok and field.type in (int, float):  # counts at least 1 (two may be 0), rates positive and finite
+                ok = math.isfinite(value) and (value > 0 or value == 0 and field.name in ("kv_floor", "recover_rank"))
             if ok and field.name in choices:
                 ok = value in choices[field.name]
             if not ok:
                 raise UsageError(f"invalid --{field.name.replace('_', '-')} {value!r}")
 
 
-# ---- 1. Loading the model -----------------------------------------------------------------------
+# ---- 1. Loading the model ------------------------------------------------------------------------
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """cuda with bf16 when available, else cpu with float32; explicit choices win."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,31 +147,6 @@ def shard(model, mesh: DeviceMesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def load_sharded(name: str, device: str | None = None, dtype: str | None = None):
-    """load_model for a model bigger than one GPU, under torchrun: each rank holds 1/world of the
-    weights (FSDP2). Rank 0 reads them into CPU memory and sends every rank its shards, a tensor at
-    a time; the other ranks start from a weightless copy."""
-    device, torch_dtype = resolve_device_dtype(device, dtype)
-    rank, world = rank_and_world()
-    if rank == 0:
-        dense, tokenizer = load_model(name, "cpu", str(torch_dtype).removeprefix("torch."))
-    else:
-        with reading(f"the tokenizer of {name!r}"):
-            tokenizer = load_tokenizer(name)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_config(name), dtype=torch_dtype)
-    model.eval().requires_grad_(False)
-    shard(model, init_device_mesh(device.type, (world,)))
-    model.to_empty(device=device)
-    set_model_state_dict(model, dense.state_dict() if rank == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer_name, buffer in model.named_buffers():  # rotary frequencies: computed, not in the state dict
-        if rank == 0:
-            buffer.copy_(dense.get_buffer(buffer_name))
-        dist.broadcast(buffer, 0)
-    return model, tokenizer
-
-
 def input_device(model) -> torch.device:
     """Where input ids go: the embedding's execution device (offloaded, its weight is on 'meta')."""
     embedding = model.get_input_embeddings()
@@ -188,7 +164,7 @@ def progress(iterable=None, **kwargs) -> tqdm:
     return tqdm(iterable, disable=rank_and_world()[0] > 0, **kwargs)
 
 
-# ---- 2. Calibration data ------------------------------------------------------------------------
+# ---- 2. Calibration data -------------------------------------------------------------------------
 def check_sequence_length(length: int, config) -> None:
     """Calibration sequences need a next token to predict, at positions the model was trained on."""
     if not 2 <= length <= config.max_position_embeddings:
@@ -207,23 +183,7 @@ def calibration_batches(tokenizer, text: str, n: int, seq_len: int, seed: int = 
     return ids[: windows * seq_len].view(windows, seq_len)[chosen]
 
 
-@torch.no_grad()
-def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 16) -> torch.Tensor:
-    """Data-free calibration (--calib self): (N, L) tokens sampled from the model, each from BOS (or EOS)."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    batches = []
-    for first in progress(range(0, n, batch_size), desc="sampling calibration text"):
-        prompt = torch.full((min(batch_size, n - first), 1), start, device=input_device(model))
-        batches.append(model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, top_p=1.0,
-            temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-            pad_token_id=tokenizer.eos_token_id,
-        ).cpu())
-    return torch.cat(batches)
-
-
-# ---- 3. Prunable units and their parameter costs ------------------------------------------------
+# ---- 3. Prunable units and their parameter costs -------------------------------------------------
 
 # Which slice of which decoder-layer parameter each unit owns, as (unit index kind, dim): "ffn"
 # indexes FFN channels, "kv" the head_dim rows of a K or V head, "q" the g * head_dim rows (or o_proj
@@ -302,14 +262,6 @@ def find_units(model) -> Units:
                  ffn_cost=cost["ffn"], kv_cost=cost["kv"] + cost["q"])
 
 
-def units_of_config(config) -> Units:
-    """find_units for a model not loaded yet, read off a weightless copy."""
-    if config.is_heterogeneous:
-        raise UsageError(ALREADY_PRUNED)
-    with torch.device("meta"):
-        return find_units(AutoModelForCausalLM.from_config(config))
-
-
 # ---- 4. Gates: every unit's output times its entry of a flat gate vector -------------------------
 class Gates:
     """Forward pre-hooks that multiply the input of down_proj (one entry per FFN channel) and of o_proj
@@ -328,22 +280,15 @@ class Gates:
         gate = view(self.values)[layer].to(x)
         return (x.unflatten(-1, (gate.numel(), -1)) * gate[:, None]).flatten(-2)
 
-    def remove(self):
+    def __enter__(self) -> Self:  # installed for the duration of a with-block
+        return self
+
+    def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-@contextlib.contextmanager
-def gated(model, units: Units):
-    """Install gates on the model for the duration of a with-block."""
-    gates = Gates(model, units)
-    try:
-        yield gates
-    finally:
-        gates.remove()
-
-
-# ---- 5. Projection onto the global budget -------------------------------------------------------
+# ---- 5. Projection onto the global budget --------------------------------------------------------
 def budget_for(units: Units, sparsity: float, kv_floor: int = 1) -> int:
     """Parameters that the kept units may hold: (1 - sparsity) of all prunable parameters. The
     per-layer minimum (one FFN unit, and `kv_floor` KV groups) is reserved inside it."""
@@ -462,12 +407,10 @@ def distillation_loss(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
     return kl.mean()
 
 
-def calibration_loss(model, gates: Gates, values: torch.Tensor, batch: torch.Tensor,
-                     targets: Targets | None = None) -> torch.Tensor:
-    """The loss of gate training and scaling, with `values` in the gates: next-token cross-entropy (the
-    paper's) or, given the dense model's `targets`, self-distillation (no second model is held)."""
+def calibration_loss(model, batch: torch.Tensor, targets: Targets | None = None) -> torch.Tensor:
+    """The loss of gate training, scaling and recovery: next-token cross-entropy (the paper's) or, given
+    the dense model's `targets`, self-distillation (no second model is held)."""
     batch = batch.to(input_device(model))
-    gates.values = values
     if targets is None:
         return model(input_ids=batch, labels=batch, use_cache=False).loss
     return distillation_loss(model(input_ids=batch, use_cache=False).logits, targets)
@@ -519,9 +462,10 @@ def importance_scores(model, units: Units, data: torch.Tensor, budget: int, batc
     fisher = torch.zeros(units.count, device=device)
     values = torch.ones(units.count, device=device, requires_grad=True)
     batches = data.split(batch_size)[:IMPORTANCE_BATCHES]
-    with gated(model, units) as gates:
+    with Gates(model, units) as gates:
         for step, batch in enumerate(progress(batches, desc="unit importance"), 1):
-            loss = calibration_loss(model, gates, values, batch)
+            gates.values = values
+            loss = calibration_loss(model, batch)
             stop_if_not_finite(averaged(loss.detach().clone()).item(), "unit importance", step, learned=False)
             (grad,) = torch.autograd.grad(loss, values)
             fisher += averaged(grad).square() / len(batches)
@@ -564,11 +508,12 @@ def train_gates(
     optimizer = torch.optim.AdamW([scores], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
     batches = with_targets(data, targets, recipe.batch_size)
     history, previous = [], None
-    with gated(model, units) as gates, progress(total=recipe.epochs * len(batches), desc="gate training") as bar:
+    with Gates(model, units) as gates, progress(total=recipe.epochs * len(batches), desc="gate training") as bar:
         for _ in range(recipe.epochs):
             for batch, target in batches:
                 hard = project(scores.detach(), costs, budget, units, recipe.kv_floor)
-                loss = calibration_loss(model, gates, straight_through(scores, hard.float(), recipe.tau), batch, target)
+                gates.values = straight_through(scores, hard.float(), recipe.tau)
+                loss = calibration_loss(model, batch, target)
                 loss.backward()
                 averaged(scores.grad)
                 optimizer.step()
@@ -601,9 +546,10 @@ def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor
     t = torch.zeros(units.count, device=mask.device, requires_grad=True)
     optimizer = torch.optim.AdamW([t], lr=recipe.lr, betas=(0.9, 0.99), weight_decay=0.0)
     batches = with_targets(data, targets, recipe.batch_size)
-    with gated(model, units) as gates, progress(total=len(batches), desc="scaling calibration") as bar:
+    with Gates(model, units) as gates, progress(total=len(batches), desc="scaling calibration") as bar:
         for step, (batch, target) in enumerate(batches, 1):
-            loss = calibration_loss(model, gates, scale_values(mask, t), batch, target)
+            gates.values = scale_values(mask, t)
+            loss = calibration_loss(model, batch, target)
             loss.backward()
             averaged(t.grad)
             optimizer.step()
@@ -615,7 +561,7 @@ def calibrate_scales(model, units: Units, mask: torch.Tensor, data: torch.Tensor
     return scale_values(mask, t).detach()
 
 
-# ---- 8. Folding and slicing into a smaller dense model ------------------------------------------
+# ---- 8. Folding and slicing into a smaller dense model -------------------------------------------
 def head_rows(heads: torch.Tensor, rows_per_head: int) -> torch.Tensor:
     """Row indices of the given heads in a projection with `rows_per_head` rows per head."""
     return (heads[:, None] * rows_per_head + torch.arange(rows_per_head, device=heads.device)).flatten()
@@ -726,7 +672,73 @@ def slice_model(model, units: Units, gate: torch.Tensor):
     return model
 
 
-# ---- 9. The method in one call ------------------------------------------------------------------
+# ---- 9. Recovery: a low-rank correction of the kept weights, distilled, then merged ---------------
+RECOVERED = tuple(name.removesuffix(".weight") for name in UNIT_SLICES if name.endswith(".weight"))  # all 7
+
+
+class LowRank:
+    """Forward hooks that add x A^T B^T to the output of each kept linear layer named in `matrices`: a
+    rank-r correction B A of its weight, A random and B zero (float32), so the model starts as it was.
+    A layer left with no attention has no q/k/v and an o_proj of no column: nothing to correct there."""
+
+    def __init__(self, model, rank: int, matrices: tuple[str, ...] = RECOVERED, seed: int = 0):
+        generator, self.factors = torch.Generator().manual_seed(seed), []
+        for layer in model.model.layers:
+            modules = dict(layer.named_modules())
+            for linear in (modules[name] for name in matrices if name in modules and modules[name].weight.numel()):
+                a = torch.randn(rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features)
+                b = torch.zeros(linear.out_features, rank)
+                device = linear._hf_hook.execution_device if linear.weight.is_meta else linear.weight.device
+                self.factors.append((linear, *(t.to(device).requires_grad_() for t in (a, b))))
+        self.handles = [linear.register_forward_hook(partial(self.add, a, b)) for linear, a, b in self.factors]
+
+    @staticmethod
+    def add(a: torch.Tensor, b: torch.Tensor, module, args, output):
+        # In the model's dtype: autograd keeps x as it is (a bf16 model keeps no float32 copy of it).
+        return output + args[0] @ a.T.to(output.dtype) @ b.T.to(output.dtype)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for _, a, b in self.factors for t in (a, b)]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Remove the hooks and fold every B A into its weight, in float32: the shapes, hence the budget,
+        stay. Under FSDP2 each rank adds its shard's rows (every rank holds the same factors)."""
+        for handle in self.handles:
+            handle.remove()
+        for linear, a, b in self.factors:
+            weight, delta = linear.weight, b @ a
+            if weight.is_meta:  # offloaded by --device-map: the copy in CPU memory each forward fetches
+                weight = linear._hf_hook.weights_map["weight"]
+            if isinstance(weight, DTensor):
+                delta = distribute_tensor(delta, weight.device_mesh, weight.placements, src_data_rank=None).to_local()
+                weight = weight.to_local()
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+
+def recover_weights(model, data: torch.Tensor, recipe: Recipe, targets: Targets | None = None,
+                    low_rank: LowRank | None = None, epochs: int = 1) -> list[float]:
+    """Recovery (this project's, not the paper's): on the sliced model, one epoch of gate training's
+    loss over a rank-`recover_rank` correction of every kept linear layer, merged at the end. Only the
+    factors train: no dense weight gradient, optimizer state for them alone. Returns each step's loss."""
+    low_rank, history = low_rank or LowRank(model, recipe.recover_rank), []
+    optimizer = torch.optim.AdamW(low_rank.parameters(), lr=recipe.recover_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    with progress(with_targets(data, targets, recipe.batch_size) * epochs, desc="recovery") as bar:
+        for batch, target in bar:
+            loss = calibration_loss(model, batch, target)
+            loss.backward()
+            for param in low_rank.parameters():
+                averaged(param.grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(averaged(loss.detach().clone()).item())
+            stop_if_not_finite(history[-1], "recovery", len(history))
+            bar.set_postfix(loss=f"{history[-1]:.3f}")
+    low_rank.merge()
+    return history
+
+
+# ---- 10. The method in one call ------------------------------------------------------------------
 def check_inputs(model, data, sparsity: float, recipe: Recipe) -> tuple[Units, int]:
     """prune()'s preconditions, each refused with a UsageError that names it, before the model is
     touched: the recipe, a supported dense model, the budget, and token ids the model can read.
@@ -751,7 +763,7 @@ def check_inputs(model, data, sparsity: float, recipe: Recipe) -> tuple[Units, i
 def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Recipe(), *,
           gradient_checkpointing: bool = False, evaluate: Callable | None = None,
           project=project_to_budget) -> tuple[torch.nn.Module, dict]:
-    """GRASPrune (steps 3 to 8) on a loaded model, which is frozen, pruned in place and returned with a
+    """GRASPrune (steps 3 to 9) on a loaded model, which is frozen, pruned in place and returned with a
     report; bad input raises UsageError before the model is touched. `data`: (N, L) calibration token
     ids. `evaluate(model)`, if given, scores the dense, masked and pruned model; `project`: the mask rule."""
     units, budget = check_inputs(model, data, sparsity, recipe)
@@ -786,7 +798,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
             mask = project_aligned(scores, budget, units, recipe.kv_floor, recipe.ffn_multiple)
         lap("gate_training")
     if evaluate:
-        with gated(model, units) as gates:
+        with Gates(model, units) as gates:
             gates.values = mask.float()
             evaluations["masked"] = evaluate(model)
         lap("eval_masked")
@@ -796,6 +808,9 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
     model = slice_model(model, units, gate)
     after = model_summary(model)
     lap("slicing")
+    with activation_checkpointing(model, gradient_checkpointing):
+        recovery = recover_weights(model, data, recipe, targets) if recipe.recover_rank else []
+    lap("recovery")
     if evaluate:
         evaluations["pruned"] = evaluate(model)
         lap("eval_pruned")
@@ -807,12 +822,13 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
         "prunable_removed": 1 - after["prunable_parameters"] / before["prunable_parameters"],
         "steps": len(history), "final_flips": history[-1]["flips"], "final_loss": history[-1]["loss"],
         "mean_flips_last_tenth": sum(h["flips"] for h in tenth) / len(tenth),  # has the mask settled?
+        "recovery_loss": {"first": recovery[0], "final": recovery[-1]} if recovery else None,
         "layers": layer_table(model, units), "eval": evaluations, "seconds": timings, "peak_memory_gib": memory,
         "world_size": rank_and_world()[1],
     }
 
 
-# ---- 10. The report's figures -------------------------------------------------------------------
+# ---- 11. The report's figures --------------------------------------------------------------------
 def peak_memory_gib() -> dict[str, float]:
     """Peak memory since the previous call: tensors on each GPU in use, and the process's resident
     CPU memory (Linux keeps no resettable peak, so this one is the peak since the start)."""

@@ -8,11 +8,11 @@ import torch
 
 import eval as evaluation
 import grasprune
-from conftest import DATA, TINY, VOCAB, inputs, random_gate, run_script, tiny_model
+from conftest import DATA, VOCAB, inputs, run_script, sliced_model
 from grasprune import Recipe
 
 
-def test_bench_recipes_runs_both_recipes_and_sizes_the_targets(tiny_folder):
+def test_bench_recipes_runs_both_recipes_and_recovery_and_sizes_the_targets(tiny_folder):
     steps, seq_len = 2, 16
     proc = run_script("experiments/bench.py", "recipes", "--model", str(tiny_folder / "tiny"),
                       "--seq-len", str(seq_len), "--steps", str(steps), "--repeats", "2")
@@ -22,6 +22,9 @@ def test_bench_recipes_runs_both_recipes_and_sizes_the_targets(tiny_folder):
     assert result["targets_MiB_here"] * 2**20 == steps * seq_len * (8 * k + 4)
     assert len(result["pairwise_ratios"]) == 2
     assert result["step_ratio"] == result["default_step_s"] / result["paper_step_s"]
+    assert len(result["recovery_to_default_pairwise"]) == 2 and result["recovery_step_s"] > 0
+    assert list(result["saved_activation_MiB_one_sequence"]) == ["paper", "default", "recovery"]
+    assert all(mib > 0 for mib in result["saved_activation_MiB_one_sequence"].values())
 
 
 def test_bench_ranks_times_every_stage_of_both_launches(tiny_folder):
@@ -69,68 +72,15 @@ def test_report_joins_an_evaluation_run_in_parts_into_the_same_row_as_one_run(ti
 
 
 # ----------------------------------------------------------------------------------------------
-# experiments/recover.py: low-rank recovery of the kept weights, merged (issue 20)
-
-
-def sliced(name: str, no_attention: int | None = None):
-    """A tiny model of the family, sliced at a random mask (layer `no_attention` keeps no KV group)."""
-    model = tiny_model(name)
-    units = grasprune.find_units(model)
-    gate = random_gate(units, seed=3)
-    if no_attention is not None:
-        units.kv(gate)[no_attention] = 0.0
-    return grasprune.slice_model(model, units, gate)
-
-
-@pytest.mark.parametrize("no_attention", [None, 1])
-@pytest.mark.parametrize("name", TINY)
-def test_recovery_merges_into_the_same_shapes_and_never_touches_a_weight_gradient(name, no_attention):
-    """The merged correction computes what the hooked one did; every shape and the parameter count
-    stay; no dense weight gets a gradient; the loss falls toward the dense model's predictions."""
-    from experiments.recover import LowRank, recover
-
-    dense = tiny_model(name)
-    data = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
-    targets = grasprune.teacher_targets(dense, data, 1)
-    model = sliced(name, no_attention)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
-
-    def kl() -> float:
-        with torch.no_grad():
-            return grasprune.distillation_loss(model(data).logits, targets).item()
-
-    before = kl()
-    recover(model, data, targets, rank=4, lr=1e-2, epochs=3)
-    assert {n: p.shape for n, p in model.named_parameters()} == shapes
-    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
-    assert kl() < before
-    assert not any(m._forward_hooks for m in model.modules())
-
-    low_rank = LowRank(model, rank=3, matrices=("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"), seed=2)
-    with torch.no_grad():
-        for _, _, b in low_rank.factors:
-            b.normal_()
-    hooked = model(inputs()).logits
-    low_rank.merge()
-    torch.testing.assert_close(model(inputs()).logits, hooked, atol=1e-4, rtol=1e-4)
-    assert len(low_rank.factors) == 3 * 3 - (2 if no_attention is not None else 0)
-
-
-def test_recovery_refuses_a_model_offloaded_by_device_map():
-    from accelerate import cpu_offload
-
-    from experiments.recover import LowRank
-
-    model = cpu_offload(sliced("llama-gqa-bias"))  # weights on 'meta', fetched at every forward
-    with pytest.raises(grasprune.UsageError, match="not offloaded by --device-map"):
-        LowRank(model, rank=2, matrices=("mlp.down_proj",))
+# experiments/recover.py: the rows of the recovery grid, and the output-side scales (issue 20)
 
 
 def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
     from experiments.recover import MATRICES, row_settings
 
     assert row_settings("r32+lr1e-3+e2+mlp") == {"rank": 32, "lr": 1e-3, "epochs": 2, "matrices": MATRICES["mlp"]}
-    assert row_settings("r8")["matrices"] == (*MATRICES["attn"], *MATRICES["mlp"])
+    assert row_settings("r8")["matrices"] == grasprune.RECOVERED == MATRICES["all"]
+    assert set(MATRICES["attn"]) | set(MATRICES["mlp"]) == set(grasprune.RECOVERED) and len(grasprune.RECOVERED) == 7
     with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):
         row_settings("r8+q4")
 
@@ -139,7 +89,7 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
 def test_output_scales_merge_into_the_rows_of_down_proj_and_o_proj(name):
     from experiments.recover import OutputScales
 
-    model = sliced(name, no_attention=1)
+    model = sliced_model(name, no_attention=1)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     scales = OutputScales(model)
     with torch.no_grad():

@@ -38,6 +38,7 @@ from conftest import (
     random_gate,
     recipe,
     run_script,
+    sliced_model,
     smollm2_path,
     text_corpus,
     tiny_model,
@@ -48,7 +49,7 @@ from modeling_grasprune import NoAttention
 
 def masked_then_sliced(model, units: Units, gate: torch.Tensor, ids: torch.Tensor):
     """Logits of the gated model, then of the same model sliced in place; checks they agree."""
-    with grasprune.gated(model, units) as gates:
+    with grasprune.Gates(model, units) as gates:
         gates.values = gate
         masked = model(ids).logits
     grasprune.slice_model(model, units, gate)
@@ -67,7 +68,7 @@ def test_all_units_kept_computes_the_original_model(name):
     units = grasprune.find_units(model)
     ids = inputs()
     reference = model(ids).logits
-    with grasprune.gated(model, units) as gates:
+    with grasprune.Gates(model, units) as gates:
         gates.values = torch.ones(units.count)
         assert torch.equal(model(ids).logits, reference)
 
@@ -170,8 +171,17 @@ def test_device_map_dispatch_with_offload(tmp_path, tokenizer):
     sliced = masked_then_sliced(model, units, random_gate(units, seed=6), ids)
     # The offloaded layer stays offloaded once sliced (weights in CPU memory), the others in place.
     assert [layer.mlp.up_proj.weight.device.type for layer in model.model.layers] == ["cpu", "meta", "cpu"]
+    low_rank = grasprune.LowRank(model, rank=2)  # recovery merges into the offloaded layer's CPU copy too
+    with torch.no_grad():
+        for _, _, b in low_rank.factors:
+            b.normal_()
+    hooked = model(ids).logits
+    low_rank.merge()
+    recovered = model(ids).logits
+    torch.testing.assert_close(recovered, hooked, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(recovered, sliced)
     cli.save_checkpoint(model, tokenizer, {}, tmp_path / "out")
-    assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, sliced)
+    assert torch.equal(grasprune.load_model(str(tmp_path / "out"))[0](ids).logits, recovered)
 
 
 def write_wikitext_test(folder: Path) -> str:
@@ -205,6 +215,7 @@ def test_cli_device_map_auto_spills_to_disk_and_matches_one_device(memory, tiny_
     expected = {0.8: {"model.layers.0": "cpu", "model.layers.2": "disk"}, 0.3: {"": "disk"}}[memory]
     assert expected.items() <= auto["device_map"].items() and one["device_map"] is None
     assert auto["layers"] == one["layers"]
+    assert auto["recovery_loss"] == one["recovery_loss"] and auto["recovery_loss"] is not None
     for stage in ("dense", "masked", "pruned"):
         assert auto["eval"][stage]["perplexity"] == one["eval"][stage]["perplexity"]
         assert auto["eval"][stage]["continuation"] == one["eval"][stage]["continuation"]
@@ -345,7 +356,9 @@ def test_ablation_mask_rules_keep_the_budget():
     assert units.kv(ablate.only("ffn")(scores, costs, budget, units, 1)).all()
     with pytest.raises(grasprune.UsageError, match="kv-only pruning cannot reach"):
         ablate.only("kv")(scores, costs, budget, units, 1)
-    assert ablate.row_settings("init+kd+m32+k8", 3, 8)[0] == grasprune.Recipe(epochs=3, ffn_multiple=32, top_k=8)
+    assert ablate.row_settings("init+kd+m32+k8", 3, 8)[0] == grasprune.Recipe(epochs=3, ffn_multiple=32, top_k=8,
+                                                                               recover_rank=0)
+    assert ablate.row_settings("init+kd+recover", 4, 8)[0] == grasprune.Recipe()  # the defaults
     # annealN: every unit kept at the first step, the budget falling linearly to its target by N% of the steps
     _, annealed = ablate.row_settings("anneal50", 2, 8)  # 16 steps at batch 1: the target from step 9 on
     kept = [int(costs[annealed(scores, costs, budget, units, 1)].sum()) for _ in range(10)]
@@ -366,8 +379,9 @@ def test_recipe_defaults_and_the_papers():
         assert (recipe_.epochs, recipe_.lr, recipe_.tau, recipe_.kv_floor, recipe_.ffn_multiple, recipe_.rescale) == (
             4, 1e-2, 1.5, 1, 1, True)
     _, parsed = cli.parse_args(["--model", "m", "--paper", "--epochs", "2", "--top-k", "9", "--output", "o"])
-    assert parsed == grasprune.Recipe(epochs=2, init="zeros", loss="lm", top_k=9)
-    for bad in ({"tau": 0.0}, {"lr": -1.0}, {"epochs": 0}, {"ffn_multiple": 0}, {"loss": "mse"}):
+    assert parsed == grasprune.Recipe(epochs=2, init="zeros", loss="lm", top_k=9, recover_rank=0)
+    grasprune.Recipe(recover_rank=0).validate()  # 0: no recovery
+    for bad in ({"tau": 0.0}, {"lr": -1.0}, {"epochs": 0}, {"ffn_multiple": 0}, {"loss": "mse"}, {"recover_rank": -2}):
         with pytest.raises(grasprune.UsageError):
             grasprune.Recipe(**bad).validate()
 
@@ -431,7 +445,7 @@ def test_bf16_backbone_trains_fp32_scores_and_slices():
     for key, value in model.state_dict().items():
         assert value.dtype == torch.bfloat16 and torch.equal(value, frozen[key]), key
     ids, gate = inputs(), random_gate(units, seed=6)  # scales over (0.5, 1.5): a missed fold shows
-    with grasprune.gated(model, units) as gates:
+    with grasprune.Gates(model, units) as gates:
         gates.values = gate
         masked = model(ids).logits
     grasprune.slice_model(model, units, gate)
@@ -464,9 +478,9 @@ def test_distillation_from_cached_top_k_is_the_kl_of_the_coarsened_distributions
     batch = inputs()
     values = grasprune.straight_through(torch.zeros(units.count, requires_grad=True),
                                         random_gate(units, seed=0).bool().float(), tau=1.5)
-    with grasprune.gated(model, units) as gates:
+    with grasprune.Gates(model, units) as gates:
         dense = grasprune.teacher_targets(model, batch, batch_size=1)
-        assert grasprune.calibration_loss(model, gates, torch.ones(units.count), batch, dense) == 0
+        assert grasprune.calibration_loss(model, batch, dense) == 0  # the gates start all ones
         gates.values = values.detach()
         student = model(batch).logits.log_softmax(-1)
     teacher = model(batch).logits.log_softmax(-1)
@@ -475,10 +489,11 @@ def test_distillation_from_cached_top_k_is_the_kl_of_the_coarsened_distributions
     everything = grasprune.teacher_targets(model, batch, 2, k=VOCAB)
     coarse = grasprune.teacher_targets(model, batch, 2, k=8)
     assert coarse.ids.shape == (2, 24, 8) and everything.log_tail.max() < -15  # nothing left outside
-    with grasprune.gated(model, units) as gates:
-        full_loss = grasprune.calibration_loss(model, gates, values, batch, everything)
+    with grasprune.Gates(model, units) as gates:
+        gates.values = values
+        full_loss = grasprune.calibration_loss(model, batch, everything)
         torch.testing.assert_close(full_loss, exact, atol=1e-6, rtol=1e-5)
-        coarse_loss = grasprune.calibration_loss(model, gates, values, batch, coarse)
+        coarse_loss = grasprune.calibration_loss(model, batch, coarse)
         assert 0 < coarse_loss < exact
         coarse_loss.backward()
 
@@ -517,6 +532,62 @@ def test_prune_is_the_method_in_one_call(tmp_path, tokenizer):
     assert torch.equal(reloaded(inputs()).logits, pruned(inputs()).logits)
 
 
+# ----------------------------------------------------------------------------------------------
+# Recovery: a low-rank correction of the kept weights, distilled, merged
+
+
+@pytest.mark.parametrize("no_attention", [None, 1])
+@pytest.mark.parametrize("name", TINY)
+def test_recovery_merges_into_the_same_shapes_and_never_touches_a_weight_gradient(name, no_attention):
+    """The merged correction computes what the hooked one did; every shape and the parameter count
+    stay; no weight gets a gradient; the KL to the dense model falls; a layer with no attention left
+    has nothing to correct in q/k/v/o."""
+    dense = tiny_model(name)
+    data = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    targets = grasprune.teacher_targets(dense, data, 1)
+    model = sliced_model(name, no_attention)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+
+    def kl() -> float:
+        with torch.no_grad():
+            return grasprune.distillation_loss(model(data).logits, targets).item()
+
+    before = kl()
+    history = grasprune.recover_weights(model, data, recipe(recover_rank=4, recover_lr=1e-2, batch_size=1), targets,
+                                        epochs=3)
+    assert len(history) == 3 * 4 and {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert kl() < before
+    assert not any(m._forward_hooks for m in model.modules())
+
+    low_rank = grasprune.LowRank(model, rank=3, seed=2)
+    assert len(low_rank.factors) == 7 * 3 - (4 if no_attention is not None else 0)
+    assert all(a.dtype == b.dtype == torch.float32 and a.shape[0] == b.shape[1] == 3 for _, a, b in low_rank.factors)
+    with torch.no_grad():
+        for _, _, b in low_rank.factors:
+            b.normal_()
+    hooked = model(inputs()).logits
+    low_rank.merge()
+    torch.testing.assert_close(model(inputs()).logits, hooked, atol=1e-4, rtol=1e-4)
+
+
+def test_recovery_keeps_the_mask_and_the_budget_and_the_paper_skips_it():
+    """prune() with and without recovery: the same mask, layer shapes and parameter count (the budget
+    to the parameter); only the kept linear weights move."""
+    data = torch.randint(VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    runs = {rank: grasprune.prune(tiny_model("qwen3"), data, 0.4, grasprune.Recipe(
+        epochs=1, batch_size=2, recover_rank=rank, recover_lr=1e-2)) for rank in (0, 4)}
+    (plain, plain_report), (recovered, report) = runs[0], runs[4]
+    assert report["layers"] == plain_report["layers"] and report["after"] == plain_report["after"]
+    assert plain_report["recovery_loss"] is None and report["recovery_loss"]["final"] > 0
+    assert report["seconds"]["recovery"] > 0
+    moved = {n for n, p in recovered.named_parameters() if not torch.equal(p, plain.get_parameter(n))}
+    assert moved == {n for n, p in recovered.named_parameters()
+                     if n.endswith(".weight") and n.split(".", 3)[-1].removesuffix(".weight") in grasprune.RECOVERED}
+    assert not torch.equal(plain(data).logits, recovered(data).logits)
+    assert grasprune.Recipe.paper().recover_rank == 0 and grasprune.Recipe().recover_rank > 0
+
+
 # prune() with one bad argument: what the UsageError says. A new case is one more line.
 BAD_CALLS = {
     "data a list": ({"data": lambda d: d.tolist()}, "data must be a 2-D int64 tensor of token ids"),
@@ -536,6 +607,8 @@ BAD_CALLS = {
     "lr negative": ({"recipe": {"lr": -1e-3}}, "invalid --lr -0.001"),
     "loss unknown": ({"recipe": {"loss": "mse"}}, "invalid --loss 'mse'"),
     "rescale a string": ({"recipe": {"rescale": "no"}}, "invalid --rescale 'no'"),
+    "recover_rank negative": ({"recipe": {"recover_rank": -1}}, "invalid --recover-rank -1"),
+    "recover_lr 0": ({"recipe": {"recover_lr": 0.0}}, "invalid --recover-lr 0.0"),
     "ffn_multiple not dividing": ({"recipe": {"ffn_multiple": 24}}, "does not divide the FFN width 64"),
     "a GPT-2 model": ({"model": lambda m: GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2))},
                       "model type 'gpt2' is not supported"),
@@ -615,8 +688,8 @@ def test_calibration_batches_are_seeded_non_overlapping_windows(tokenizer):
 
 def test_self_generated_calibration_data(tokenizer):
     model = tiny_model("qwen2")
-    a = grasprune.sample_from_model(model, tokenizer, n=3, seq_len=12, seed=4, batch_size=2)
-    b = grasprune.sample_from_model(model, tokenizer, n=3, seq_len=12, seed=4, batch_size=2)
+    a = cli.sample_from_model(model, tokenizer, n=3, seq_len=12, seed=4, batch_size=2)
+    b = cli.sample_from_model(model, tokenizer, n=3, seq_len=12, seed=4, batch_size=2)
     assert a.shape == (3, 12) and torch.equal(a, b)
     assert (a[:, 0] == tokenizer.bos_token_id).all()
 
@@ -748,6 +821,7 @@ BAD_INPUTS = {
     "tau inf": ("grasprune", ["--tau", "inf"], "--tau inf", True),
     "lr 0": ("grasprune", ["--lr", "0"], "--lr 0.0", True),
     "lr nan": ("grasprune", ["--lr", "nan"], "--lr nan", True),
+    "recover-rank -1": ("grasprune", ["--recover-rank", "-1"], "invalid --recover-rank -1", True),
     "eval-windows 0": ("grasprune", ["--eval", "--eval-windows", "0"], "--eval-windows must be at least 1", True),
     "dtype int8": ("grasprune", ["--dtype", "int8"], "unknown --dtype 'int8'", True),
     "no cuda": ("grasprune", ["--device", "cuda"], "no CUDA device", True),
@@ -1084,7 +1158,7 @@ def test_smollm2_gates_and_slicing_are_exact():
     assert (units.num_layers, units.kv_per_layer, units.heads_per_group, units.ffn_per_layer) == (30, 3, 3, 1536)
     ids = tokenizer(evaluation.load_text("wikitext2", "test", str(DATA))[:2000], return_tensors="pt").input_ids[:, :96]
     reference = model(ids).logits
-    with grasprune.gated(model, units) as gates:
+    with grasprune.Gates(model, units) as gates:
         gates.values = torch.ones(units.count)
         assert torch.equal(model(ids).logits, reference)
         gates.values = random_gate(units, seed=5)

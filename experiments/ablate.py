@@ -8,7 +8,8 @@ zero-shot accuracy and its cost.
   python experiments/ablate.py --checkpoints a b --output ablations.jsonl ...   # rows from saved runs
 
 A row is a "+"-joined list of changes to the paper's recipe ("published": none): init (Fisher
-starting scores), kd (self-distillation), kv-floor-0, no-rescale, mN (FFN units of N channels),
+starting scores), kd (self-distillation), kv-floor-0, no-rescale, recover (the defaults' recovery of
+the kept weights; the defaults are init+kd+recover), mN (FFN units of N channels),
 kN (distillation keeps the dense model's top N tokens), annealN (the budget falls from dense to
 the target over the first N% of gate training's steps), and the paper's own ablation rules
 uniform, ffn-only, kv-only, per-parameter. Selection is by held-out perplexity (PTB validation by default:
@@ -80,7 +81,7 @@ def annealed(rule, steps: int):
 
 
 CHANGES = {"init": {"init": "importance"}, "kd": {"loss": "kd"}, "kv-floor-0": {"kv_floor": 0},
-           "no-rescale": {"rescale": False}}
+           "no-rescale": {"rescale": False}, "recover": {"recover_rank": Recipe.recover_rank}}
 RULES = {"uniform": uniform, "ffn-only": only("ffn"), "kv-only": only("kv"), "per-parameter": per_parameter}
 
 

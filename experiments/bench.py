@@ -4,8 +4,9 @@
                                                    the frozen model, saved-activation memory,
                                                    projection share
   python experiments/bench.py recipes --model M    a gate-training step of the defaults vs one of
-                                                   the paper's recipe, side by side, and the
-                                                   defaults' one-off costs
+                                                   the paper's recipe and a recovery step of the
+                                                   model pruned at 0.5, side by side, their saved
+                                                   activations, and the defaults' one-off costs
   python experiments/bench.py memory               gate-training memory per GPU of LLaMA-2-7B, 70B
                                                    and Llama-3.1-405B under FSDP2 (bf16, 512 tokens):
                                                    activations measured on random-weight models of
@@ -22,6 +23,7 @@ Figures are printed, never asserted: speed depends on the machine.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -134,9 +136,11 @@ def median(values: list[float]) -> float:
 
 def recipes(args) -> None:
     """A gate-training step of the defaults (distillation from cached targets) against one of the
-    paper's recipe (LM loss), the same units and budget for both: both loops over
-    the same sequences, timed alternately (paper, defaults, paper, ...) so that load on the
-    machine reaches both alike, medians taken. The defaults' one-off costs are timed too: the
+    paper's recipe (LM loss), the same units and budget for both, and a recovery step of the model
+    pruned at that budget (rank 32, the same targets): the loops over the same sequences, timed
+    alternately (paper, defaults, recovery, paper, ...) so that load on the machine reaches all
+    alike, medians taken; and the activations one step of each saves for its backward pass
+    (one sequence). The defaults' one-off costs are timed too: the
     teacher's targets (one forward per sequence) and the importance pass (32 forward+backward),
     with the memory the targets take here and would take for LLaMA-2-7B."""
     model, _ = grasprune.load_model(args.model, args.device, args.dtype)
@@ -152,23 +156,42 @@ def recipes(args) -> None:
     start = time.perf_counter()
     grasprune.importance_scores(model, units, data, budget)
     importance = time.perf_counter() - start
-    times = {"paper": [], "default": []}
+    pruned = copy.deepcopy(model)  # at a mask of the same budget: recovery's model (its weights move; timing only)
+    mask = grasprune.project_to_budget(torch.randn(units.count, generator=seed), units.costs("cpu"), budget, units)
+    pruned = grasprune.slice_model(pruned, units, mask.float().to(device))
+
+    def first(n: int) -> grasprune.Targets:  # the targets of the first n sequences
+        return grasprune.Targets(*(t[:n] for t in targets))
+
+    steps = {"paper": lambda d: grasprune.train_gates(model, units, d, budget, PAPER_STEP),
+             "default": lambda d: grasprune.train_gates(model, units, d, budget, default, targets=first(len(d))),
+             "recovery": lambda d: grasprune.recover_weights(pruned, d, default, first(len(d)))}
+    times = {name: [] for name in steps}
     for _ in range(args.repeats):
-        for name, recipe in (("paper", PAPER_STEP), ("default", default)):
+        for name, step in steps.items():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            grasprune.train_gates(model, units, data, budget, recipe, targets=targets if name == "default" else None)
+            step(data)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) / args.steps)
+    saved = {}
+    for name, step in steps.items():
+        total = [0]
+        with saved_activation_bytes(total, pruned if name == "recovery" else model):
+            step(data[:1])
+        saved[name] = total[0] / 2**20
     per_token = default.top_k * 8 + 4  # int32 id + float32 log-probability per kept token, + the tail
     print(json.dumps({
         "model": args.model, "device": str(device), "dtype": str(model.dtype), "seq_len": args.seq_len,
         "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
         "paper_step_s": median(times["paper"]), "default_step_s": median(times["default"]),
+        "recovery_step_s": median(times["recovery"]),
         "step_ratio": median(times["default"]) / median(times["paper"]),
         "pairwise_ratios": [d / p for p, d in zip(times["paper"], times["default"])],
+        "recovery_to_default_pairwise": [r / d for d, r in zip(times["default"], times["recovery"])],
+        "saved_activation_MiB_one_sequence": saved,
         "teacher_targets_s_per_sequence": teacher, "importance_s": importance,
         "targets_MiB_here": sum(t.nbytes for t in targets) / 2**20,
         "targets_MiB_512x512_tokens": 512 * 512 * per_token / 2**20,

@@ -12,13 +12,13 @@ and o_proj instead, the cheaper lever), lrX (AdamW learning rate), eN (epochs), 
 all (default), mlp (gate/up/down) or attn (q/k/v/o). Every row starts from the checkpoint as saved,
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
 Held-out PTB validation perplexity chooses; the WikiText-2 test windows are reported, never used to
-choose. Rows append to --output as JSON lines as they finish. This stays an experiment switch until
-it wins on held-out perplexity without lowering the zero-shot mean (docs/ablations.md).
+choose. Rows append to --output as JSON lines as they finish; --save also keeps each row's model, a
+checkpoint eval.py scores. The checkpoint must be pruned without recovery (`--recover-rank 0`); the
+default row of grasprune.py's recovery is r32+lr1e-3 (docs/ablations.md).
 """
 
 import argparse
 import json
-import math
 import sys
 import time
 from functools import partial
@@ -28,50 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # grasprune.py and eval.py
 
+import cli
 import eval as evaluation
 import grasprune
 
-MATRICES = {"attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-            "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-
-
-class LowRank:
-    """Forward hooks that add x A^T B^T to the output of each chosen linear layer of every decoder layer:
-    A (rank x in) random, B (out x rank) zero, so the model starts exactly as it was. Layers that lost
-    every input (an attention block with no KV group left) have nothing to correct and are skipped."""
-
-    def __init__(self, model, rank: int, matrices: tuple[str, ...], seed: int = 0):
-        if any(p.device.type == "meta" for p in model.parameters()):
-            raise grasprune.UsageError("recovery merges into the weights: load the model on one device, "
-                                       "not offloaded by --device-map")
-        generator = torch.Generator().manual_seed(seed)
-        self.factors, self.handles = [], []
-        for layer in model.model.layers:
-            for name in matrices:
-                linear = getattr(layer.get_submodule(name.split(".")[0]), name.split(".")[1], None)
-                if linear is None or linear.in_features == 0:  # no q/k/v, no o_proj input: attention is gone
-                    continue
-                weight = linear.weight
-                a = torch.randn(rank, linear.in_features, generator=generator) / math.sqrt(linear.in_features)
-                a = a.to(weight.device).requires_grad_()
-                b = torch.zeros(linear.out_features, rank, device=weight.device, requires_grad=True)
-                self.factors.append((linear, a, b))
-                self.handles.append(linear.register_forward_hook(partial(self.add, a, b)))
-
-    @staticmethod
-    def add(a: torch.Tensor, b: torch.Tensor, module, args, output):
-        return output + (args[0].to(a.dtype) @ a.T @ b.T).to(output.dtype)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [t for _, a, b in self.factors for t in (a, b)]
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every B A into its weight (no parameter added) and remove the hooks."""
-        for handle in self.handles:
-            handle.remove()
-        for linear, a, b in self.factors:
-            linear.weight.copy_((linear.weight.float() + b @ a).to(linear.weight.dtype))
+MATRICES = {"all": grasprune.RECOVERED, "attn": tuple(m for m in grasprune.RECOVERED if m.startswith("self_attn.")),
+            "mlp": tuple(m for m in grasprune.RECOVERED if m.startswith("mlp."))}
 
 
 class OutputScales:
@@ -105,32 +67,17 @@ class OutputScales:
 
 
 def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8, lr: float = 1e-3,
-            epochs: int = 1, batch_size: int = 1, matrices: tuple[str, ...] = (*MATRICES["attn"], *MATRICES["mlp"]),
-            ) -> list[float]:
-    """Distill the pruned model toward the dense model's `targets` through low-rank corrections (rank
-    0: output-side scales instead), then merge them. Returns the loss of every step."""
-    low_rank = LowRank(model, rank, matrices) if rank else OutputScales(model)
-    optimizer = torch.optim.AdamW(low_rank.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    device, history = grasprune.input_device(model), []
-    batches = grasprune.with_targets(data, targets, batch_size)
-    with grasprune.progress(total=epochs * len(batches), desc="recovery") as bar:
-        for _ in range(epochs):
-            for batch, target in batches:
-                loss = grasprune.distillation_loss(model(input_ids=batch.to(device), use_cache=False).logits, target)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                history.append(loss.item())
-                grasprune.stop_if_not_finite(history[-1], "recovery", len(history))
-                bar.set_postfix(loss=f"{history[-1]:.4f}")
-                bar.update()
-    low_rank.merge()
-    return history
+            epochs: int = 1, batch_size: int = 1, matrices: tuple[str, ...] = grasprune.RECOVERED) -> list[float]:
+    """grasprune's recovery with this row's settings (rank 0: output-side scales instead). Returns the
+    loss of every step."""
+    correction = grasprune.LowRank(model, rank, matrices) if rank else OutputScales(model)
+    recipe = grasprune.Recipe(recover_rank=rank, recover_lr=lr, batch_size=batch_size)
+    return grasprune.recover_weights(model, data, recipe, targets, correction, epochs)
 
 
 def row_settings(row: str) -> dict:
     """rN, lrX, eN and all|mlp|attn, "+"-joined, as keyword arguments of recover()."""
-    settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": (*MATRICES["attn"], *MATRICES["mlp"])}
+    settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": grasprune.RECOVERED}
     for part in row.split("+"):
         if part in MATRICES:
             settings["matrices"] = MATRICES[part]
@@ -138,7 +85,7 @@ def row_settings(row: str) -> dict:
             settings["lr"] = float(part[2:])
         elif part[0] in "re" and part[1:].isdigit():
             settings["rank" if part[0] == "r" else "epochs"] = int(part[1:])
-        elif part != "all":
+        else:
             raise grasprune.UsageError(f"unknown row part {part!r}: use rN, lrX, eN, all, mlp or attn")
     return settings
 
@@ -153,9 +100,12 @@ def main() -> None:
     p.add_argument("--held-out-windows", type=int, default=16)
     p.add_argument("--test-windows", type=int, default=10, help="first N 2048-token windows of WikiText-2 test")
     p.add_argument("--output", default="recovery.jsonl", help="JSON lines, one per finished row (appended)")
+    p.add_argument("--save", help="a folder: each row's model is saved in it as a checkpoint named after the row")
     args = p.parse_args()
     report = json.loads((Path(args.checkpoint) / "grasprune_report.json").read_text())
     settings = report["settings"]
+    if report["recipe"].get("recover_rank"):
+        raise SystemExit(f"{args.checkpoint} was recovered already: prune it with --recover-rank 0")
     corpus, split = args.held_out.split(":")
     texts = {"held_out": (evaluation.load_text(corpus, split, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
@@ -182,6 +132,11 @@ def main() -> None:
                   "parameters": grasprune.model_summary(model)["parameters"]} | measure(model)
         with open(args.output, "a") as f:
             f.write(json.dumps(result) + "\n")
+        if args.save and row != "checkpoint":
+            chosen = row_settings(row)
+            recipe = report["recipe"] | {"recover_rank": chosen["rank"], "recover_lr": chosen["lr"]}
+            cli.save_checkpoint(model, tokenizer, report | {"recipe": recipe, "recovery_row": result},
+                                Path(args.save) / row)
         print(json.dumps(result), flush=True)
 
 
