@@ -722,13 +722,16 @@ def recover_weights(model, data: torch.Tensor, recipe: Recipe, targets: Targets 
     loss over a rank-`recover_rank` correction of every kept linear layer, merged at the end. Only the
     factors train: no dense weight gradient, optimizer state for them alone. Returns each step's loss."""
     low_rank, history = low_rank or LowRank(model, recipe.recover_rank), []
-    optimizer = torch.optim.AdamW(low_rank.parameters(), lr=recipe.recover_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    factors = low_rank.parameters()
+    optimizer = torch.optim.AdamW(factors, lr=recipe.recover_lr, betas=(0.9, 0.99), weight_decay=0.0)
     with progress(with_targets(data, targets, recipe.batch_size) * epochs, desc="recovery") as bar:
         for batch, target in bar:
             loss = calibration_loss(model, batch, target)
             loss.backward()
-            for param in low_rank.parameters():
-                averaged(param.grad)
+            if dist.is_initialized():  # one all-reduce for all the factors' gradients, not one per tensor
+                flat = averaged(torch.cat([f.grad.flatten() for f in factors]))
+                for factor, grad in zip(factors, flat.split([f.numel() for f in factors])):
+                    factor.grad = grad.view_as(factor)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             history.append(averaged(loss.detach().clone()).item())

@@ -85,6 +85,25 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
         row_settings("r8+q4")
 
 
+@pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already"])
+def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_path):
+    """A bad row is refused before the checkpoint is read, a missing or already recovered checkpoint
+    before the dense model is loaded: one `error:` line, exit code 2, no output file."""
+    (tmp_path / "done").mkdir()
+    report = {"settings": {}, "recipe": {"recover_rank": 32}}
+    (tmp_path / "done" / "grasprune_report.json").write_text(json.dumps(report))
+    rows, checkpoint, message = {
+        "bad row": ("r8,r8+q4", "done", "unknown row part 'q4'"),
+        "no checkpoint": ("r8", "missing", "cannot read the report of"),
+        "recovered already": ("r8", "done", "was recovered already: prune it with --recover-rank 0"),
+    }[case]
+    proc = run_script("experiments/recover.py", "--model", str(tmp_path / "no-model"), "--rows", rows,
+                      "--checkpoint", str(tmp_path / checkpoint), "--output", str(tmp_path / "out.jsonl"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("recover.py: error: "), proc.stderr
+    assert message in lines[0] and not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen2"])
 def test_output_scales_merge_into_the_rows_of_down_proj_and_o_proj(name):
     from experiments.recover import OutputScales

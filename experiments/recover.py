@@ -11,10 +11,12 @@ A row is "+"-joined settings: rN (rank; r0: one output-side scale per hidden cha
 and o_proj instead, the cheaper lever), lrX (AdamW learning rate), eN (epochs), and the matrices:
 all (default), mlp (gate/up/down) or attn (q/k/v/o). Every row starts from the checkpoint as saved,
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
-Held-out PTB validation perplexity chooses; the WikiText-2 test windows are reported, never used to
-choose. Rows append to --output as JSON lines as they finish; --save also keeps each row's model, a
-checkpoint eval.py scores. The checkpoint must be pruned without recovery (`--recover-rank 0`); the
-default row of grasprune.py's recovery is r32+lr1e-3 (docs/ablations.md).
+--nsamples and --seq-len recover on more (or less) of that corpus than gate training saw, to learn
+whether recovery is data-limited. Held-out PTB validation perplexity chooses; the WikiText-2 test
+windows are reported, never used to choose. Rows append to --output as JSON lines as they finish;
+--save also keeps each row's model, a checkpoint eval.py scores. The checkpoint must be pruned
+without recovery (`--recover-rank 0`); the default row of grasprune.py's recovery is r32+lr1e-3
+(docs/ablations.md).
 """
 
 import argparse
@@ -81,7 +83,7 @@ def row_settings(row: str) -> dict:
     for part in row.split("+"):
         if part in MATRICES:
             settings["matrices"] = MATRICES[part]
-        elif part.startswith("lr"):
+        elif part.startswith("lr") and part[2:].replace(".", "", 1).replace("e-", "", 1).isdigit():
             settings["lr"] = float(part[2:])
         elif part[0] in "re" and part[1:].isdigit():
             settings["rank" if part[0] == "r" else "epochs"] = int(part[1:])
@@ -101,11 +103,15 @@ def main() -> None:
     p.add_argument("--test-windows", type=int, default=10, help="first N 2048-token windows of WikiText-2 test")
     p.add_argument("--output", default="recovery.jsonl", help="JSON lines, one per finished row (appended)")
     p.add_argument("--save", help="a folder: each row's model is saved in it as a checkpoint named after the row")
+    p.add_argument("--nsamples", type=int, help="recovery's calibration sequences (default: the checkpoint's)")
+    p.add_argument("--seq-len", type=int, help="tokens per recovery sequence (default: the checkpoint's)")
     args = p.parse_args()
-    report = json.loads((Path(args.checkpoint) / "grasprune_report.json").read_text())
-    settings = report["settings"]
+    rows = {row: row_settings(row) for row in args.rows.split(",")}  # a bad row stops the run before any work
+    with grasprune.reading(f"the report of {args.checkpoint!r}"):
+        report = json.loads((Path(args.checkpoint) / "grasprune_report.json").read_text())
+    settings = report["settings"] | {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v}
     if report["recipe"].get("recover_rank"):
-        raise SystemExit(f"{args.checkpoint} was recovered already: prune it with --recover-rank 0")
+        raise grasprune.UsageError(f"{args.checkpoint} was recovered already: prune it with --recover-rank 0")
     corpus, split = args.held_out.split(":")
     texts = {"held_out": (evaluation.load_text(corpus, split, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
@@ -121,19 +127,20 @@ def main() -> None:
         return {name: evaluation.perplexity(model, tokenizer, text, 2048, limit_windows=windows)
                 for name, (text, windows) in texts.items()}
 
-    for row in ["checkpoint", *args.rows.split(",")]:
+    for row in ["checkpoint", *rows]:
         model, _ = grasprune.load_model(args.checkpoint, "cpu", "float32")
         start, history = time.perf_counter(), []
         if row != "checkpoint":
-            history = recover(model, data, targets, **row_settings(row))
+            history = recover(model, data, targets, **rows[row])
         result = {"row": row, "checkpoint": args.checkpoint, "seconds": round(time.perf_counter() - start, 1),
-                  "teacher_seconds": teacher_seconds, "first_loss": history[0] if history else None,
+                  "teacher_seconds": teacher_seconds, "calibration": [len(data), data.shape[1]],
+                  "first_loss": history[0] if history else None,
                   "final_loss": history[-1] if history else None,
                   "parameters": grasprune.model_summary(model)["parameters"]} | measure(model)
         with open(args.output, "a") as f:
             f.write(json.dumps(result) + "\n")
         if args.save and row != "checkpoint":
-            chosen = row_settings(row)
+            chosen = rows[row]
             recipe = report["recipe"] | {"recover_rank": chosen["rank"], "recover_lr": chosen["lr"]}
             cli.save_checkpoint(model, tokenizer, report | {"recipe": recipe, "recovery_row": result},
                                 Path(args.save) / row)
@@ -141,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli("recover.py", main))
