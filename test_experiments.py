@@ -85,20 +85,22 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
         row_settings("r8+q4")
 
 
-@pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already"])
+@pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already", "second recovered already"])
 def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_path):
     """A bad row is refused before the checkpoint is read, a missing or already recovered checkpoint
-    before the dense model is loaded: one `error:` line, exit code 2, no output file."""
-    (tmp_path / "done").mkdir()
-    report = {"settings": {}, "recipe": {"recover_rank": 32}}
-    (tmp_path / "done" / "grasprune_report.json").write_text(json.dumps(report))
-    rows, checkpoint, message = {
-        "bad row": ("r8,r8+q4", "done", "unknown row part 'q4'"),
-        "no checkpoint": ("r8", "missing", "cannot read the report of"),
-        "recovered already": ("r8", "done", "was recovered already: prune it with --recover-rank 0"),
+    before the dense model is loaded (every one of several): one `error:` line, exit code 2, no output."""
+    for name, rank in (("done", 32), ("fresh", 0)):
+        (tmp_path / name).mkdir()
+        report = {"settings": {}, "recipe": {"recover_rank": rank}}
+        (tmp_path / name / "grasprune_report.json").write_text(json.dumps(report))
+    rows, checkpoints, message = {
+        "bad row": ("r8,r8+q4", ["done"], "unknown row part 'q4'"),
+        "no checkpoint": ("r8", ["missing"], "cannot read the report of"),
+        "recovered already": ("r8", ["done"], "was recovered already: prune it with --recover-rank 0"),
+        "second recovered already": ("r8", ["fresh", "done"], "done was recovered already"),
     }[case]
-    proc = run_script("experiments/recover.py", "--model", str(tmp_path / "no-model"), "--rows", rows,
-                      "--checkpoint", str(tmp_path / checkpoint), "--output", str(tmp_path / "out.jsonl"))
+    proc = run_script("experiments/recover.py", "--model", str(tmp_path / "no-model"), "--rows", rows, "--output",
+                      str(tmp_path / "out.jsonl"), "--checkpoint", *(str(tmp_path / c) for c in checkpoints))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("recover.py: error: "), proc.stderr
     assert message in lines[0] and not (tmp_path / "out.jsonl").exists()

@@ -14,8 +14,9 @@ on the checkpoint's own calibration data (its report names corpus, split, sequen
 --nsamples and --seq-len recover on more (or less) of that corpus than gate training saw, to learn
 whether recovery is data-limited. Held-out PTB validation perplexity chooses; the WikiText-2 test
 windows are reported, never used to choose. Rows append to --output as JSON lines as they finish;
---save also keeps each row's model, a checkpoint eval.py scores. The checkpoint must be pruned
-without recovery (`--recover-rank 0`); the default row of grasprune.py's recovery is r32+lr1e-3
+--save also keeps each row's model, a checkpoint eval.py scores. Several checkpoints pruned from
+the same dense model share one teacher pass where their calibration data agree. The checkpoints must
+be pruned without recovery (`--recover-rank 0`); the default row of grasprune.py's recovery is r32+lr1e-3
 (docs/ablations.md).
 """
 
@@ -95,56 +96,68 @@ def row_settings(row: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the dense model the checkpoint was pruned from")
-    p.add_argument("--checkpoint", required=True, help="a grasprune.py output folder")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="grasprune.py output folders pruned from --model (several share one teacher pass)")
     p.add_argument("--rows", default="r8+lr1e-3", help="comma-separated rows, e.g. r8+lr1e-3,r32+lr1e-3+mlp")
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data")
     p.add_argument("--held-out", default="ptb:validation", help="corpus:split that chooses")
     p.add_argument("--held-out-windows", type=int, default=16)
     p.add_argument("--test-windows", type=int, default=10, help="first N 2048-token windows of WikiText-2 test")
     p.add_argument("--output", default="recovery.jsonl", help="JSON lines, one per finished row (appended)")
-    p.add_argument("--save", help="a folder: each row's model is saved in it as a checkpoint named after the row")
+    p.add_argument("--save", help="a folder: each row's model is saved in it as CHECKPOINT_NAME/ROW")
     p.add_argument("--nsamples", type=int, help="recovery's calibration sequences (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, help="tokens per recovery sequence (default: the checkpoint's)")
     args = p.parse_args()
     rows = {row: row_settings(row) for row in args.rows.split(",")}  # a bad row stops the run before any work
-    with grasprune.reading(f"the report of {args.checkpoint!r}"):
-        report = json.loads((Path(args.checkpoint) / "grasprune_report.json").read_text())
-    settings = report["settings"] | {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v}
-    if report["recipe"].get("recover_rank"):
-        raise grasprune.UsageError(f"{args.checkpoint} was recovered already: prune it with --recover-rank 0")
+    reports = {}
+    for checkpoint in args.checkpoint:  # every report is read and checked before a model is loaded
+        with grasprune.reading(f"the report of {checkpoint!r}"):
+            reports[checkpoint] = json.loads((Path(checkpoint) / "grasprune_report.json").read_text())
+        if reports[checkpoint]["recipe"].get("recover_rank"):
+            raise grasprune.UsageError(f"{checkpoint} was recovered already: prune it with --recover-rank 0")
     corpus, split = args.held_out.split(":")
     texts = {"held_out": (evaluation.load_text(corpus, split, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
     dense, tokenizer = grasprune.load_model(args.model, "cpu", "float32")
-    text = evaluation.load_text(settings["calib"], settings["calib_split"], args.data_dir)
-    data = grasprune.calibration_batches(tokenizer, text, settings["nsamples"], settings["seq_len"], settings["seed"])
-    start = time.perf_counter()
-    targets = grasprune.teacher_targets(dense, data, 1, report["recipe"]["top_k"])
-    teacher_seconds = round(time.perf_counter() - start, 1)
+    overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v}
+    teacher, jobs = {}, []  # (corpus, split, sequences, length, seed, top-k) -> one pass of the teacher
+    for checkpoint, report in reports.items():
+        settings = report["settings"] | overrides
+        key = tuple(settings[k] for k in ("calib", "calib_split", "nsamples", "seq_len", "seed"))
+        key += (report["recipe"]["top_k"],)
+        if key not in teacher:
+            text = evaluation.load_text(settings["calib"], settings["calib_split"], args.data_dir)
+            data = grasprune.calibration_batches(tokenizer, text, settings["nsamples"], settings["seq_len"],
+                                                 settings["seed"])
+            start = time.perf_counter()
+            targets = grasprune.teacher_targets(dense, data, 1, report["recipe"]["top_k"])
+            teacher[key] = data, targets, round(time.perf_counter() - start, 1)
+        jobs.append((checkpoint, report, *teacher[key]))
     del dense
 
     def measure(model) -> dict:
         return {name: evaluation.perplexity(model, tokenizer, text, 2048, limit_windows=windows)
                 for name, (text, windows) in texts.items()}
 
-    for row in ["checkpoint", *rows]:
-        model, _ = grasprune.load_model(args.checkpoint, "cpu", "float32")
-        start, history = time.perf_counter(), []
-        if row != "checkpoint":
-            history = recover(model, data, targets, **rows[row])
-        result = {"row": row, "checkpoint": args.checkpoint, "seconds": round(time.perf_counter() - start, 1),
-                  "teacher_seconds": teacher_seconds, "calibration": [len(data), data.shape[1]],
-                  "first_loss": history[0] if history else None,
-                  "final_loss": history[-1] if history else None,
-                  "parameters": grasprune.model_summary(model)["parameters"]} | measure(model)
-        with open(args.output, "a") as f:
-            f.write(json.dumps(result) + "\n")
-        if args.save and row != "checkpoint":
-            chosen = rows[row]
-            recipe = report["recipe"] | {"recover_rank": chosen["rank"], "recover_lr": chosen["lr"]}
-            cli.save_checkpoint(model, tokenizer, report | {"recipe": recipe, "recovery_row": result},
-                                Path(args.save) / row)
-        print(json.dumps(result), flush=True)
+    for checkpoint, report, data, targets, teacher_seconds in jobs:
+        for row in ["checkpoint", *rows]:
+            model, _ = grasprune.load_model(checkpoint, "cpu", "float32")
+            start, history = time.perf_counter(), []
+            if row != "checkpoint":
+                history = recover(model, data, targets, **rows[row])
+            result = {"row": row, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - start, 1),
+                      "teacher_seconds": teacher_seconds, "calibration": [len(data), data.shape[1]],
+                      "first_loss": history[0] if history else None,
+                      "final_loss": history[-1] if history else None,
+                      "parameters": grasprune.model_summary(model)["parameters"]} | measure(model)
+            with open(args.output, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            if args.save and row != "checkpoint":
+                chosen = rows[row]
+                recipe = report["recipe"] | {"recover_rank": chosen["rank"], "recover_lr": chosen["lr"]}
+                cli.save_checkpoint(model, tokenizer, report | {"recipe": recipe, "recovery_row": result},
+                                    Path(args.save) / Path(checkpoint).name / row)
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
