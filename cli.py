@@ -353,6 +353,10 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
         "versions": {"python": platform.python_version()}
         | {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "datasets", "accelerate")},
         "device": str(grasprune.input_device(model)),
+        # torch picks its kernels, and so the order of every floating-point sum, by these: a run
+        # repeats to the last digit only where they and the versions match (docs/ablations.md)
+        "hardware": {"cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "device_map": getattr(model, "hf_device_map", None),  # where --device-map placed each module
         "dtype": str(model.dtype).removeprefix("torch."),
     } | pruned

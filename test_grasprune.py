@@ -720,6 +720,7 @@ def test_cli_prunes_to_the_requested_sparsity(tiny_folder, switches):
     assert summary == report["after"]
     assert report["peak_memory_gib"].keys() <= report["seconds"].keys()
     assert all(peak["cpu_rss"] > 0 for peak in report["peak_memory_gib"].values())
+    assert report["hardware"] == {"cpu_kernels": torch.backends.cpu.get_cpu_capability(), "gpu": None}
     # --eval reports what eval.py measures on the dense model and on the saved checkpoint.
     dense, _ = grasprune.load_model(str(tiny_folder / "tiny"))
     assert report["eval"]["dense"]["perplexity"] == pytest.approx(evaluation.perplexity(dense, tokenizer, text, 2048))
