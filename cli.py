@@ -157,6 +157,15 @@ def join_data_parallel(args: argparse.Namespace) -> int:
 
 
 # ---- The report and the checkpoint ----
+
+def hardware() -> dict:
+    """The CPU kernels torch chose and the GPU. torch picks its kernels, and so the order of every
+    floating-point sum, by these: a run repeats to the last digit only where they and the library
+    versions match (docs/ablations.md)."""
+    return {"cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def print_report(report: dict) -> None:
     """The per-layer table, what was removed, the cost of gate training and recovery, the --eval figures."""
     units = report["units"]
@@ -315,6 +324,7 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
 
 
 # ---- The run ----
+
 def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     """Refuse what can be refused before the weights load; then calibrate, prune, report and save."""
     import export_gguf
@@ -353,10 +363,7 @@ def run(args: argparse.Namespace, recipe: Recipe) -> dict:
         "versions": {"python": platform.python_version()}
         | {lib: importlib.metadata.version(lib) for lib in ("torch", "transformers", "datasets", "accelerate")},
         "device": str(grasprune.input_device(model)),
-        # torch picks its kernels, and so the order of every floating-point sum, by these: a run
-        # repeats to the last digit only where they and the versions match (docs/ablations.md)
-        "hardware": {"cpu_kernels": torch.backends.cpu.get_cpu_capability(),
-                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "hardware": hardware(),
         "device_map": getattr(model, "hf_device_map", None),  # where --device-map placed each module
         "dtype": str(model.dtype).removeprefix("torch."),
     } | pruned

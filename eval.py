@@ -545,7 +545,8 @@ def run(argv: list[str] | None = None) -> int:
               "settings": {**vars(args), "device": str(grasprune.input_device(model)),
                            "dtype": str(next(model.parameters()).dtype)},
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__, "datasets": datasets.__version__}}
+                           "transformers": transformers.__version__, "datasets": datasets.__version__},
+              "hardware": cli.hardware()}
     print(markdown_table({args.model: result}))
     if args.output:
         write_results(Path(args.output), result)

@@ -339,6 +339,7 @@ def test_cli_writes_results_json_and_table(bpe_tokenizer, tmp_path, monkeypatch,
     assert result["mean"]["value"] == pytest.approx(sum(headline) / 5) and result["mean"]["n"] == 9
     assert result["summary"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert result["settings"]["limit"] == 2 and result["errors"] == {} and "torch" in result["versions"]
+    assert result["hardware"] == {"cpu_kernels": torch.backends.cpu.get_cpu_capability(), "gpu": None}
     table = capsys.readouterr().out
     assert f"| {want_ppl:.2f} |" in table and f"| {100 * result['mean']['value']:.2f} |" in table
 
