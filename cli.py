@@ -157,7 +157,6 @@ def join_data_parallel(args: argparse.Namespace) -> int:
 
 
 # ---- The report and the checkpoint ----
-
 def hardware() -> dict:
     """The CPU kernels torch chose and the GPU. torch picks its kernels, and so the order of every
     floating-point sum, by these: a run repeats to the last digit only where they and the library
@@ -324,7 +323,6 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, seed: int, batch_s
 
 
 # ---- The run ----
-
 def run(args: argparse.Namespace, recipe: Recipe) -> dict:
     """Refuse what can be refused before the weights load; then calibrate, prune, report and save."""
     import export_gguf
