@@ -33,15 +33,30 @@ from transformers import (
 from transformers.cache_utils import DummyLayer
 
 
-def hold_no_cache(cache, layer_idx: int) -> None:
-    """Put transformers' placeholder for attention-free layers (DummyLayer) in this layer's cache
-    slot. The cache then counts the tokens seen in its first layer with attention: an empty
-    layer 0 would report 0 and break every cached decoding step after the first."""
+class NoCacheLayer(DummyLayer):
+    """transformers' placeholder for an attention-free layer's cache slot (it stores no keys or
+    values) that counts the tokens passed through it: models ask layer 0's slot how many tokens
+    the cache has seen, and a layer 0 without attention must still answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = 0
+
+    def get_seq_length(self) -> int:
+        return self.tokens
+
+    def reset(self) -> None:
+        self.tokens = 0
+
+
+def hold_no_cache(cache, layer_idx: int, new_tokens: int) -> None:
+    """Put a NoCacheLayer in this layer's cache slot and count the step's new tokens in it."""
     layers = cache.layers
     while len(layers) <= layer_idx:  # a cache made without a config grows one layer at a time
         layers.append(cache.layer_class_to_replicate())
-    if not isinstance(layers[layer_idx], DummyLayer):
-        layers[layer_idx] = DummyLayer()
+    if not isinstance(layers[layer_idx], NoCacheLayer):
+        layers[layer_idx] = NoCacheLayer()
+    layers[layer_idx].tokens += new_tokens
 
 
 class NoAttention(nn.Module):
@@ -58,7 +73,7 @@ class NoAttention(nn.Module):
 
     def forward(self, hidden_states, cache=None, **kwargs):
         if cache is not None:
-            hold_no_cache(cache, self.layer_idx)
+            hold_no_cache(cache, self.layer_idx, hidden_states.shape[-2])
         return self.o_proj(hidden_states[..., :0]), None
 
 
