@@ -48,6 +48,9 @@ class NoCacheLayer(DummyLayer):
     def reset(self) -> None:
         self.tokens = 0
 
+    def crop(self, tokens_to_remove: int) -> None:  # assisted decoding rolls back rejected tokens
+        self.tokens -= abs(tokens_to_remove)  # transformers passes it negative
+
 
 def hold_no_cache(cache, layer_idx: int, new_tokens: int) -> None:
     """Put a NoCacheLayer in this layer's cache slot and count the step's new tokens in it."""

@@ -107,8 +107,8 @@ def test_masked_equals_sliced_equals_reloaded(name, no_attention, tmp_path, toke
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen2"])
 def test_cached_decoding_equals_the_full_forward_without_attention_in_a_layer(name, no_attention):
     """A layer without attention holds nothing in the KV cache, and the cache still counts the
-    tokens: token by token with past_key_values equals one full forward, and generate()
-    continued from a returned cache equals a fresh generate()."""
+    tokens: token by token with past_key_values equals one full forward, also after a crop, and
+    generate() continued from a returned cache equals a fresh generate()."""
     model = tiny_model(name)
     units = grasprune.find_units(model)
     gate = random_gate(units, seed=3)
@@ -122,6 +122,9 @@ def test_cached_decoding_equals_the_full_forward_without_attention_in_a_layer(na
         cache = out.past_key_values
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    cache.crop(-4)  # rolled back (as assisted decoding does), the last 4 tokens score as before
+    again = model(ids[:, -4:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(again, full[:, -4:], atol=1e-5, rtol=1e-5)
 
     fresh = model.generate(ids[:, :4], max_new_tokens=10, do_sample=False)
     first = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
