@@ -8,7 +8,7 @@ import torch
 
 import eval as evaluation
 import grasprune
-from conftest import DATA, VOCAB, inputs, run_script, sliced_model
+from conftest import DATA, VOCAB, inputs, run_script, sliced_model, tiny_model
 from grasprune import Recipe
 
 
@@ -120,3 +120,16 @@ def test_output_scales_merge_into_the_rows_of_down_proj_and_o_proj(name):
     scales.merge()
     torch.testing.assert_close(model(inputs()).logits, hooked, atol=1e-4, rtol=1e-4)
     assert {n: p.shape for n, p in model.named_parameters()} == shapes and len(scales.factors) == 2 * 3
+
+
+def test_sampled_sequences_run_their_length_from_the_start_token_and_repeat_with_the_seed(tokenizer):
+    """recover.py --generated: the dense model's own samples, every one seq_len tokens long, no
+    end-of-text token among them, the same for the same seed and others for another."""
+    from experiments.recover import sampled_sequences
+
+    model = tiny_model("llama-gqa-bias")
+    first = sampled_sequences(model, tokenizer, 5, 12, seed=0, batch_size=2)
+    assert first.shape == (5, 12) and (first[:, 0] == tokenizer.bos_token_id).all()
+    assert not (first[:, 1:] == tokenizer.eos_token_id).any()
+    assert torch.equal(sampled_sequences(model, tokenizer, 5, 12, seed=0, batch_size=2), first)
+    assert not torch.equal(sampled_sequences(model, tokenizer, 5, 12, seed=1, batch_size=2), first)

@@ -12,7 +12,10 @@ and o_proj instead, the cheaper lever), lrX (AdamW learning rate), eN (epochs), 
 all (default), mlp (gate/up/down) or attn (q/k/v/o). Every row starts from the checkpoint as saved,
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
 --nsamples and --seq-len recover on more (or less) of that corpus than gate training saw, to learn
-whether recovery is data-limited. Held-out PTB validation perplexity chooses; the WikiText-2 test
+whether recovery is data-limited; --generated adds sequences sampled from the dense model itself
+(temperature 1, from its first special token), a corpus that is neither the calibration text nor any
+evaluation set (data-free distillation, as LLM-QAT distils on the model's own generations), shuffled
+in among the calibration sequences. Held-out PTB validation perplexity chooses; the WikiText-2 test
 windows are reported, never used to choose. Rows append to --output as JSON lines as they finish;
 --save also keeps each row's model, a checkpoint eval.py scores. Several checkpoints pruned from
 the same dense model share one teacher pass where their calibration data agree. The checkpoints must
@@ -78,6 +81,20 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8
     return grasprune.recover_weights(model, data, recipe, targets, correction, epochs)
 
 
+def sampled_sequences(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 64) -> torch.Tensor:
+    """(n, seq_len) token ids sampled from the dense model at temperature 1 from its first special token
+    (SmolLM2's <|im_start|>), the end-of-text tokens suppressed so that every sequence runs its length."""
+    torch.manual_seed(seed)
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    parts = []
+    for count in grasprune.progress(torch.arange(n).split(batch_size), desc="sampling"):
+        start = torch.full((len(count), 1), start_id)
+        parts.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
+                                    top_k=0, top_p=1.0, min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
+                                    pad_token_id=tokenizer.eos_token_id))
+    return torch.cat(parts) if parts else torch.empty(0, seq_len, dtype=torch.long)
+
+
 def row_settings(row: str) -> dict:
     """rN, lrX, eN and all|mlp|attn, "+"-joined, as keyword arguments of recover()."""
     settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": grasprune.RECOVERED}
@@ -107,6 +124,7 @@ def main() -> None:
     p.add_argument("--save", help="a folder: each row's model is saved in it as CHECKPOINT_NAME/ROW")
     p.add_argument("--nsamples", type=int, help="recovery's calibration sequences (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, help="tokens per recovery sequence (default: the checkpoint's)")
+    p.add_argument("--generated", type=int, default=0, help="sequences sampled from the dense model, added")
     args = p.parse_args()
     rows = {row: row_settings(row) for row in args.rows.split(",")}  # a bad row stops the run before any work
     reports = {}
@@ -119,7 +137,7 @@ def main() -> None:
     texts = {"held_out": (evaluation.load_text(corpus, split, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
     dense, tokenizer = grasprune.load_model(args.model, "cpu", "float32")
-    overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v}
+    overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v is not None}
     teacher, jobs = {}, []  # (corpus, split, sequences, length, seed, top-k) -> one pass of the teacher
     for checkpoint, report in reports.items():
         settings = report["settings"] | overrides
@@ -129,6 +147,10 @@ def main() -> None:
             text = evaluation.load_text(settings["calib"], settings["calib_split"], args.data_dir)
             data = grasprune.calibration_batches(tokenizer, text, settings["nsamples"], settings["seq_len"],
                                                  settings["seed"])
+            if args.generated:
+                sampled = sampled_sequences(dense, tokenizer, args.generated, settings["seq_len"], settings["seed"])
+                data = torch.cat([data, sampled])
+                data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(settings["seed"]))]
             start = time.perf_counter()
             targets = grasprune.teacher_targets(dense, data, 1, report["recipe"]["top_k"])
             teacher[key] = data, targets, round(time.perf_counter() - start, 1)
@@ -147,6 +169,7 @@ def main() -> None:
                 history = recover(model, data, targets, **rows[row])
             result = {"row": row, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - start, 1),
                       "teacher_seconds": teacher_seconds, "calibration": [len(data), data.shape[1]],
+                      "generated": args.generated,
                       "first_loss": history[0] if history else None,
                       "final_loss": history[-1] if history else None,
                       "parameters": grasprune.model_summary(model)["parameters"]} | measure(model)
