@@ -85,7 +85,8 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
         row_settings("r8+q4")
 
 
-@pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already", "second recovered already"])
+@pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already", "second recovered already",
+                                  "negative count"])
 def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_path):
     """A bad row is refused before the checkpoint is read, a missing or already recovered checkpoint
     before the dense model is loaded (every one of several): one `error:` line, exit code 2, no output."""
@@ -98,9 +99,11 @@ def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_
         "no checkpoint": ("r8", ["missing"], "cannot read the report of"),
         "recovered already": ("r8", ["done"], "was recovered already: prune it with --recover-rank 0"),
         "second recovered already": ("r8", ["fresh", "done"], "done was recovered already"),
+        "negative count": ("r8", ["fresh"], "--generated -1: give 0 or more"),
     }[case]
+    extra = ["--generated", "-1"] if case == "negative count" else []
     proc = run_script("experiments/recover.py", "--model", str(tmp_path / "no-model"), "--rows", rows, "--output",
-                      str(tmp_path / "out.jsonl"), "--checkpoint", *(str(tmp_path / c) for c in checkpoints))
+                      str(tmp_path / "out.jsonl"), *extra, "--checkpoint", *(str(tmp_path / c) for c in checkpoints))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("recover.py: error: "), proc.stderr
     assert message in lines[0] and not (tmp_path / "out.jsonl").exists()

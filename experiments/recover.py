@@ -126,6 +126,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, help="tokens per recovery sequence (default: the checkpoint's)")
     p.add_argument("--generated", type=int, default=0, help="sequences sampled from the dense model, added")
     args = p.parse_args()
+    for flag, count in (("--nsamples", args.nsamples), ("--seq-len", args.seq_len), ("--generated", args.generated)):
+        if count is not None and count < 0:
+            raise grasprune.UsageError(f"{flag} {count}: give 0 or more")
     rows = {row: row_settings(row) for row in args.rows.split(",")}  # a bad row stops the run before any work
     reports = {}
     for checkpoint in args.checkpoint:  # every report is read and checked before a model is loaded
