@@ -126,9 +126,9 @@ def test_output_scales_merge_into_the_rows_of_down_proj_and_o_proj(name):
 
 
 def test_sampled_sequences_run_their_length_from_the_start_token_and_repeat_with_the_seed(tokenizer):
-    """recover.py --generated: the dense model's own samples, every one seq_len tokens long, no
-    end-of-text token among them, the same for the same seed and others for another."""
-    from experiments.recover import sampled_sequences
+    """recover.py --generated (and --calib self): the dense model's own samples, every one seq_len
+    tokens long, no end-of-text token among them, the same for the same seed and others for another."""
+    from cli import sample_from_model as sampled_sequences
 
     model = tiny_model("llama-gqa-bias")
     first = sampled_sequences(model, tokenizer, 5, 12, seed=0, batch_size=2)

@@ -13,9 +13,9 @@ all (default), mlp (gate/up/down) or attn (q/k/v/o). Every row starts from the c
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
 --nsamples and --seq-len recover on more (or less) of that corpus than gate training saw, to learn
 whether recovery is data-limited; --generated adds sequences sampled from the dense model itself
-(temperature 1, from its first special token), a corpus that is neither the calibration text nor any
-evaluation set (data-free distillation, as LLM-QAT distils on the model's own generations), shuffled
-in among the calibration sequences. Held-out PTB validation perplexity chooses; the WikiText-2 test
+(`cli.sample_from_model`, the sampler of grasprune.py's `--calib self`), a corpus that is neither
+the calibration text nor any evaluation set (data-free distillation, as in LLM-QAT), shuffled in
+among the calibration sequences. Held-out PTB validation perplexity chooses; the WikiText-2 test
 windows are reported, never used to choose. Rows append to --output as JSON lines as they finish;
 --save also keeps each row's model, a checkpoint eval.py scores. Several checkpoints pruned from
 the same dense model share one teacher pass where their calibration data agree. The checkpoints must
@@ -81,20 +81,6 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8
     return grasprune.recover_weights(model, data, recipe, targets, correction, epochs)
 
 
-def sampled_sequences(model, tokenizer, n: int, seq_len: int, seed: int, batch_size: int = 64) -> torch.Tensor:
-    """(n, seq_len) token ids sampled from the dense model at temperature 1 from its first special token
-    (SmolLM2's <|im_start|>), the end-of-text tokens suppressed so that every sequence runs its length."""
-    torch.manual_seed(seed)
-    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    parts = []
-    for count in grasprune.progress(torch.arange(n).split(batch_size), desc="sampling"):
-        start = torch.full((len(count), 1), start_id)
-        parts.append(model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
-                                    top_k=0, top_p=1.0, min_new_tokens=seq_len - 1, max_new_tokens=seq_len - 1,
-                                    pad_token_id=tokenizer.eos_token_id))
-    return torch.cat(parts) if parts else torch.empty(0, seq_len, dtype=torch.long)
-
-
 def row_settings(row: str) -> dict:
     """rN, lrX, eN and all|mlp|attn, "+"-joined, as keyword arguments of recover()."""
     settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": grasprune.RECOVERED}
@@ -151,8 +137,8 @@ def main() -> None:
             data = grasprune.calibration_batches(tokenizer, text, settings["nsamples"], settings["seq_len"],
                                                  settings["seed"])
             if args.generated:
-                sampled = sampled_sequences(dense, tokenizer, args.generated, settings["seq_len"], settings["seed"])
-                data = torch.cat([data, sampled])
+                data = torch.cat([data, cli.sample_from_model(dense, tokenizer, args.generated, settings["seq_len"],
+                                                              settings["seed"], batch_size=64)])
                 data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(settings["seed"]))]
             start = time.perf_counter()
             targets = grasprune.teacher_targets(dense, data, 1, report["recipe"]["top_k"])
