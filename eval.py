@@ -51,6 +51,7 @@ CORPORA = {
     "wikitext2": (("Salesforce/wikitext", "wikitext-2-raw-v1"), "wikitext-2-raw-v1/{split}.parquet", "text", "\n\n"),
     "ptb": (("ptb-text-only/ptb_text_only", "penn_treebank"), "ptb/{split}.jsonl", "sentence", " "),
     "c4": (("allenai/c4", "en"), "c4/{split}.jsonl", "text", " "),
+    "boolq": (("google/boolq", None), "boolq/{split}.jsonl", "passage", "\n\n"),  # Wikipedia paragraphs
 }
 C4_DOCUMENTS = 5000  # C4 splits are huge: the first documents already hold millions of tokens.
 
@@ -68,7 +69,7 @@ def read_rows(path: Path, field: str) -> list[str]:
 
 
 def load_text(source: str, split: str, data_dir: str | None = None) -> str:
-    """Text of a corpus split (wikitext2, ptb, c4) from the hub or --data-dir, or of a local
+    """Text of a corpus split (wikitext2, ptb, c4, boolq's passages) from the hub or --data-dir, or of a local
     .txt/.jsonl/.parquet file; corpus rows joined as the SparseGPT/Wanda protocol does."""
     if source not in CORPORA:
         path = Path(source)
@@ -83,13 +84,16 @@ def load_text(source: str, split: str, data_dir: str | None = None) -> str:
         path = Path(data_dir) / local.format(split=split)
         if not path.is_file():
             raise UsageError(f"{source} {split} is not in --data-dir: no file {path}")
-        return sep.join(read_rows(path, field))
-    try:
-        rows = datasets.load_dataset(hub_id, hub_config, split=split, streaming=source == "c4")
-        rows = [row[field] for _, row in zip(range(C4_DOCUMENTS), rows)] if source == "c4" else rows[field]
-    except (OSError, ValueError) as err:  # ConnectionError offline, DatasetNotFoundError, bad config
-        raise UsageError(f"cannot load {source} ({split}) from the Hugging Face hub ({type(err).__name__}); "
-                         "pass --data-dir DIR with local copies laid out like shared/data, or a local text file")
+        rows = read_rows(path, field)
+    else:
+        try:
+            rows = datasets.load_dataset(hub_id, hub_config, split=split, streaming=source == "c4")
+            rows = [row[field] for _, row in zip(range(C4_DOCUMENTS), rows)] if source == "c4" else rows[field]
+        except (OSError, ValueError) as err:  # ConnectionError offline, DatasetNotFoundError, bad config
+            raise UsageError(f"cannot load {source} ({split}) from the Hugging Face hub ({type(err).__name__}); "
+                             "pass --data-dir DIR with local copies laid out like shared/data, or a local text file")
+    if source == "boolq":  # several questions share one passage: each passage once
+        rows = list(dict.fromkeys(rows))
     return sep.join(rows)
 
 

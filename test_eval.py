@@ -304,6 +304,17 @@ def test_a_disk_offloaded_model_scores_as_in_memory(bpe_tokenizer, tmp_path):
     want = ev.loglikelihoods(model, bpe_tokenizer, requests, 4)
     assert ev.loglikelihoods(offloaded, bpe_tokenizer, requests, 4) == want
 
+def test_boolq_passages_are_a_corpus_with_each_passage_once(tmp_path):
+    """load_text("boolq"): the Wikipedia passages of BoolQ, a calibration corpus offline; the questions
+    that share a passage do not repeat it."""
+    rows = [{"question": f"q{i}", "passage": p, "label": 1} for i, p in enumerate(["A b.", "C d.", "A b.", "E."])]
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ev.load_text("boolq", "validation", str(tmp_path)) == "A b.\n\nC d.\n\nE."
+    with pytest.raises(grasprune.UsageError, match="boolq train is not in --data-dir"):
+        ev.load_text("boolq", "train", str(tmp_path))
+
+
 def test_unreachable_task_data_is_refused_before_any_scoring_with_a_fix(bpe_tokenizer, tmp_path, monkeypatch):
     data_dir = write_data_dir(tmp_path, tasks=["piqa", "arc_easy"])
     data = ev.load_data(("piqa", "arc_easy"), (), str(data_dir))

@@ -86,7 +86,7 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
 
 
 @pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already", "second recovered already",
-                                  "negative count"])
+                                  "negative count", "bad extra", "extra not found"])
 def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_path):
     """A bad row is refused before the checkpoint is read, a missing or already recovered checkpoint
     before the dense model is loaded (every one of several): one `error:` line, exit code 2, no output."""
@@ -100,8 +100,11 @@ def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_
         "recovered already": ("r8", ["done"], "was recovered already: prune it with --recover-rank 0"),
         "second recovered already": ("r8", ["fresh", "done"], "done was recovered already"),
         "negative count": ("r8", ["fresh"], "--generated -1: give 0 or more"),
+        "bad extra": ("r8", ["fresh"], "--extra boolq:512: give CORPUS:SPLIT:N"),
+        "extra not found": ("r8", ["fresh"], "boolq validation is not in --data-dir"),
     }[case]
-    extra = ["--generated", "-1"] if case == "negative count" else []
+    extra = {"negative count": ["--generated", "-1"], "bad extra": ["--extra", "boolq:512"],
+             "extra not found": ["--extra", "boolq:validation:8", "--data-dir", str(tmp_path)]}.get(case, [])
     proc = run_script("experiments/recover.py", "--model", str(tmp_path / "no-model"), "--rows", rows, "--output",
                       str(tmp_path / "out.jsonl"), *extra, "--checkpoint", *(str(tmp_path / c) for c in checkpoints))
     lines = proc.stderr.strip().splitlines()

@@ -15,9 +15,11 @@ on the checkpoint's own calibration data (its report names corpus, split, sequen
 whether recovery is data-limited; --generated adds sequences sampled from the dense model itself
 (`cli.sample_from_model`, the sampler of grasprune.py's `--calib self`), a corpus that is neither
 the calibration text nor any evaluation set (data-free distillation, as in LLM-QAT), shuffled in
-among the calibration sequences. Held-out PTB validation perplexity chooses; the WikiText-2 test
-windows are reported, never used to choose. Rows append to --output as JSON lines as they finish;
---save also keeps each row's model, a checkpoint eval.py scores. Several checkpoints pruned from
+among the calibration sequences; --extra CORPUS:SPLIT:N adds N sequences of a second corpus the same
+way (boolq:validation: BoolQ's 2,939 Wikipedia passages, a broader text that no reported task uses).
+Held-out PTB validation perplexity chooses; the WikiText-2 test windows are reported, never used to
+choose. Rows append to --output as JSON lines as they finish; --save also keeps each row's model, a
+checkpoint eval.py scores. Several checkpoints pruned from
 the same dense model share one teacher pass where their calibration data agree. The checkpoints must
 be pruned without recovery (`--recover-rank 0`); the default row of grasprune.py's recovery is r32+lr1e-3
 (docs/ablations.md).
@@ -111,10 +113,14 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, help="recovery's calibration sequences (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, help="tokens per recovery sequence (default: the checkpoint's)")
     p.add_argument("--generated", type=int, default=0, help="sequences sampled from the dense model, added")
+    p.add_argument("--extra", help="CORPUS:SPLIT:N, N sequences of another corpus added, e.g. boolq:validation:512")
     args = p.parse_args()
     for flag, count in (("--nsamples", args.nsamples), ("--seq-len", args.seq_len), ("--generated", args.generated)):
         if count is not None and count < 0:
             raise grasprune.UsageError(f"{flag} {count}: give 0 or more")
+    extra = args.extra.split(":") if args.extra else None
+    if extra and (len(extra) != 3 or not extra[2].isdigit()):
+        raise grasprune.UsageError(f"--extra {args.extra}: give CORPUS:SPLIT:N, e.g. boolq:validation:512")
     rows = {row: row_settings(row) for row in args.rows.split(",")}  # a bad row stops the run before any work
     reports = {}
     for checkpoint in args.checkpoint:  # every report is read and checked before a model is loaded
@@ -122,6 +128,7 @@ def main() -> None:
             reports[checkpoint] = json.loads((Path(checkpoint) / "grasprune_report.json").read_text())
         if reports[checkpoint]["recipe"].get("recover_rank"):
             raise grasprune.UsageError(f"{checkpoint} was recovered already: prune it with --recover-rank 0")
+    extra_text = evaluation.load_text(extra[0], extra[1], args.data_dir) if extra else None
     corpus, split = args.held_out.split(":")
     texts = {"held_out": (evaluation.load_text(corpus, split, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
@@ -136,9 +143,15 @@ def main() -> None:
             text = evaluation.load_text(settings["calib"], settings["calib_split"], args.data_dir)
             data = grasprune.calibration_batches(tokenizer, text, settings["nsamples"], settings["seq_len"],
                                                  settings["seed"])
+            parts = [data]
+            if extra:
+                parts.append(grasprune.calibration_batches(tokenizer, extra_text, int(extra[2]), settings["seq_len"],
+                                                           settings["seed"]))
             if args.generated:
-                data = torch.cat([data, cli.sample_from_model(dense, tokenizer, args.generated, settings["seq_len"],
-                                                              settings["seed"], batch_size=64)])
+                parts.append(cli.sample_from_model(dense, tokenizer, args.generated, settings["seq_len"],
+                                                   settings["seed"], batch_size=64))
+            if len(parts) > 1:
+                data = torch.cat(parts)
                 data = data[torch.randperm(len(data), generator=torch.Generator().manual_seed(settings["seed"]))]
             start = time.perf_counter()
             targets = grasprune.teacher_targets(dense, data, 1, report["recipe"]["top_k"])
@@ -158,7 +171,7 @@ def main() -> None:
                 history = recover(model, data, targets, **rows[row])
             result = {"row": row, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - start, 1),
                       "teacher_seconds": teacher_seconds, "calibration": [len(data), data.shape[1]],
-                      "generated": args.generated,
+                      "generated": args.generated, "extra": args.extra,
                       "first_loss": history[0] if history else None,
                       "final_loss": history[-1] if history else None,
                       "parameters": grasprune.model_summary(model)["parameters"]} | measure(model)
