@@ -112,6 +112,34 @@ def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_
     assert message in lines[0] and not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.skipif(not (DATA / "ptb").is_dir(), reason=f"no evaluation data at {DATA}")
+def test_recover_shuffles_extra_sequences_in_and_refuses_more_than_the_text_holds(tiny_folder):
+    """recover.py end to end on a tiny checkpoint: --extra adds N sequences of a second text to the
+    calibration data (every row trains on both); asking for more than that text holds ends in one
+    `error:` line that names --extra, before the teacher pass, with nothing written."""
+    checkpoint, text = tiny_folder / "pruned", tiny_folder / "extra.txt"
+    proc = run_script("grasprune.py", "--model", str(tiny_folder / "tiny"), "--sparsity", "0.3", "--calib",
+                      str(tiny_folder / "calib.txt"), "--nsamples", "4", "--seq-len", "16", "--epochs", "1",
+                      "--recover-rank", "0", "--output", str(checkpoint))
+    assert proc.returncode == 0, proc.stderr
+    text.write_text("the short second text " * 20)
+    common = ["--model", str(tiny_folder / "tiny"), "--checkpoint", str(checkpoint), "--rows", "r4+lr1e-3",
+              "--data-dir", str(DATA), "--held-out-windows", "1", "--test-windows", "1"]
+    refused = run_script("experiments/recover.py", *common, "--extra", f"{text}:any:1000",
+                         "--output", str(tiny_folder / "refused.jsonl"))
+    last = refused.stderr.strip().splitlines()[-1]  # after the progress of loading the texts and models
+    assert refused.returncode == 2 and last.startswith(f"recover.py: error: --extra {text}:any:1000: "), last
+    assert "Traceback" not in refused.stderr
+    assert not (tiny_folder / "refused.jsonl").exists()
+    proc = run_script("experiments/recover.py", *common, "--extra", f"{text}:any:3", "--output",
+                      str(tiny_folder / "rows.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tiny_folder / "rows.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["calibration"], r["extra"]) for r in rows] == [
+        (row, [4 + 3, 16], f"{text}:any:3") for row in ("checkpoint", "r4+lr1e-3")]
+    assert rows[1]["final_loss"] is not None and rows[0]["parameters"] == rows[1]["parameters"]
+
+
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen2"])
 def test_output_scales_merge_into_the_rows_of_down_proj_and_o_proj(name):
     from experiments.recover import OutputScales

@@ -144,7 +144,11 @@ def main() -> None:
             data = grasprune.calibration_batches(tokenizer, text, settings["nsamples"], settings["seq_len"],
                                                  settings["seed"])
             parts = [data]
-            if extra:
+            if extra:  # checked here, where its tokens are known, before the teacher pass
+                available = len(tokenizer(extra_text).input_ids) // settings["seq_len"]
+                if int(extra[2]) > available:
+                    raise grasprune.UsageError(f"--extra {args.extra}: {extra[0]} makes {available} sequences of "
+                                               f"{settings['seq_len']} tokens: give N up to {available}")
                 parts.append(grasprune.calibration_batches(tokenizer, extra_text, int(extra[2]), settings["seq_len"],
                                                            settings["seed"]))
             if args.generated:
