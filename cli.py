@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     p.add_argument("--output", help="output folder (default: <model name>-grasprune-s<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--calib", default="wikitext2",
-                   help="wikitext2 (default), ptb, c4, self (sampled from the model) or a .txt/.jsonl/.parquet file")
+                   help="wikitext2 (default), ptb, c4, boolq (its Wikipedia passages), self (sampled from the model) "
+                        "or a .txt/.jsonl/.parquet file")
     p.add_argument("--calib-split", default="train", help="split of the calibration corpus (%(default)s)")
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data (no network)")
     p.add_argument("--nsamples", type=int, default=512, help="calibration sequences (%(default)s)")

@@ -523,7 +523,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
                         help="zero-shot tasks (none: perplexity only)")
     parser.add_argument("--ppl", nargs="*", default=["wikitext2"],
-                        help="perplexity on wikitext2, ptb, c4 or a text file (none: skip)")
+                        help=f"perplexity on {', '.join(CORPORA)} or a text file (none: skip)")
     parser.add_argument("--seq-len", type=int, default=2048, help="perplexity window, capped at the model's context")
     parser.add_argument("--data-dir", help="local copies laid out like shared/data; no network")
     parser.add_argument("--limit", type=int, help="first N items per task and windows per text, for quick runs")

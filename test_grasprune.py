@@ -389,6 +389,13 @@ def test_recipe_defaults_and_the_papers():
             grasprune.Recipe(**bad).validate()
 
 
+def test_calib_help_names_every_corpus_load_text_reads(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    calib_help = " ".join(capsys.readouterr().out.rsplit("--calib CALIB", 1)[1].split("--calib-split")[0].split())
+    assert [name for name in [*evaluation.CORPORA, "self"] if name not in calib_help] == []
+
+
 def test_straight_through_is_hard_forward_and_sigmoid_backward():
     scores = torch.randn(50, requires_grad=True)
     hard = (torch.rand(50) < 0.5).float()
