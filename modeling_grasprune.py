@@ -154,9 +154,11 @@ for _cls in PRUNED_CLASSES.values():  # save_pretrained then copies this file an
 def source_of(name: str) -> tuple[str, dict]:
     """Where transformers reads `name` from: a hub id or folder as it is; a .gguf file from its
     folder, with `gguf_file=` naming it."""
-    if not name.endswith(".gguf"):
-        return name, {}
     path = Path(name)
+    if not name.endswith(".gguf"):
+        if not path.exists() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # not a hub id
+            raise FileNotFoundError(f"no folder at {name} (a hub id is NAME or OWNER/NAME)")
+        return name, {}
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {name}")
     return str(path.parent), {"gguf_file": path.name}

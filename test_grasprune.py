@@ -853,6 +853,8 @@ BAD_INPUTS = {
     "already pruned": ("grasprune", ["--model", "{tmp}/pruned"], "already pruned", True),
     "unsupported model": ("grasprune", ["--model", "{tmp}/gpt2"], "not supported", True),
     "missing gguf": ("grasprune", ["--model", "{tmp}/none.gguf"], "no GGUF file", True),
+    "missing folder": ("grasprune", ["--model", "{tmp}/none"], "no folder at {tmp}/none (a hub id is", True),
+    "missing relative folder": ("grasprune", ["--model", "./none/model"], "no folder at ./none/model", True),
     "gguf of qwen3": ("grasprune", ["--model", "{tmp}/qwen3", "--gguf", "f16"], "q/k norms", True),
     "gguf of a WordPiece tokenizer": ("grasprune", ["--model", "{tmp}/wordpiece", "--gguf", "f16"],
                                       "cannot export a WordPiece tokenizer", False),
