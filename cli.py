@@ -75,6 +75,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `least` (a count of sequences, windows, items)."""
+    def integer(value: str) -> int:
+        if not value.lstrip("-").isdigit() or int(value) < least:
+            raise argparse.ArgumentTypeError(f"give an integer of at least {least}, not {value!r}")
+        return int(value)
+    return integer
+
+
+def corpus_split(value: str) -> tuple[str, str]:
+    """An argparse type: CORPUS:SPLIT, e.g. ptb:validation."""
+    corpus, _, split = value.partition(":")
+    if not corpus or not split or ":" in split:
+        raise argparse.ArgumentTypeError(f"give CORPUS:SPLIT, e.g. ptb:validation, not {value!r}")
+    return corpus, split
+
+
 # ---- grasprune.py's options ----
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recipe]:
     """The command line's settings, and their recipe (the defaults or --paper's, options on top)."""

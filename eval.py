@@ -102,8 +102,10 @@ def token_windows(tokenizer, text: str, seq_len: int, limit: int | None = None) 
     tokenizer puts one BOS at the very start), cut into non-overlapping windows, the first `limit`."""
     if seq_len < 2:
         raise UsageError(f"perplexity windows of {seq_len} tokens predict nothing; use at least 2")
+    if limit is not None and limit < 1:
+        raise UsageError(f"the first {limit} windows of a text: give at least 1")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n = min(ids.numel() // seq_len, limit or ids.numel())
+    n = ids.numel() // seq_len if limit is None else min(ids.numel() // seq_len, limit)
     if n == 0:
         raise UsageError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     return ids[: n * seq_len].view(n, seq_len)

@@ -288,6 +288,9 @@ def test_perplexity_equals_direct_computation(tokenizer):
     # windows longer than the model's context are cut to it
     assert ev.perplexity(model, tokenizer, text, 4096) == pytest.approx(
         reference_perplexity(model, tokenizer, text, 48), rel=1e-5)
+    for none in (0, -3):  # 0 once meant every window, -3 all but the last three
+        with pytest.raises(grasprune.UsageError, match=f"the first {none} windows"):
+            ev.perplexity(model, tokenizer, text, 32, limit_windows=none)
 
 
 def test_a_disk_offloaded_model_scores_as_in_memory(bpe_tokenizer, tmp_path):

@@ -1,6 +1,7 @@
 """The experiment scripts run against the current API: each on a tiny model, checked by what its
 output must equal, not by its timings."""
 
+import importlib.util
 import json
 
 import pytest
@@ -86,7 +87,8 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
 
 
 @pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already", "second recovered already",
-                                  "negative count", "bad extra", "extra not found"])
+                                  "negative count", "no windows", "held-out without split", "bad extra",
+                                  "extra not found"])
 def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_path):
     """A bad row is refused before the checkpoint is read, a missing or already recovered checkpoint
     before the dense model is loaded (every one of several): one `error:` line, exit code 2, no output."""
@@ -99,17 +101,49 @@ def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_
         "no checkpoint": ("r8", ["missing"], "cannot read the report of"),
         "recovered already": ("r8", ["done"], "was recovered already: prune it with --recover-rank 0"),
         "second recovered already": ("r8", ["fresh", "done"], "done was recovered already"),
-        "negative count": ("r8", ["fresh"], "--generated -1: give 0 or more"),
+        "negative count": ("r8", ["fresh"], "argument --generated: give an integer of at least 0, not '-1'"),
+        "no windows": ("r8", ["fresh"], "argument --test-windows: give an integer of at least 1, not '0'"),
+        "held-out without split": ("r8", ["fresh"], "argument --held-out: give CORPUS:SPLIT"),
         "bad extra": ("r8", ["fresh"], "--extra boolq:512: give CORPUS:SPLIT:N"),
         "extra not found": ("r8", ["fresh"], "boolq validation is not in --data-dir"),
     }[case]
-    extra = {"negative count": ["--generated", "-1"], "bad extra": ["--extra", "boolq:512"],
+    extra = {"negative count": ["--generated", "-1"], "no windows": ["--test-windows", "0"],
+             "held-out without split": ["--held-out", "ptb"], "bad extra": ["--extra", "boolq:512"],
              "extra not found": ["--extra", "boolq:validation:8", "--data-dir", str(tmp_path)]}.get(case, [])
     proc = run_script("experiments/recover.py", "--model", str(tmp_path / "no-model"), "--rows", rows, "--output",
                       str(tmp_path / "out.jsonl"), *extra, "--checkpoint", *(str(tmp_path / c) for c in checkpoints))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("recover.py: error: "), proc.stderr
     assert message in lines[0] and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench.py", ["recipes", "--model", "{tmp}/none"], "no folder at {tmp}/none"),
+    ("bench.py", ["widths", "--hidden", "x"], "argument --hidden: invalid int value: 'x'"),
+    ("llamacpp.py", ["speed"], "the following arguments are required"),
+    ("report.py", ["dense={tmp}/none.json"], "expected LABEL=FILE"),
+    pytest.param("retention.py", ["{tmp}/none"], "cannot read the report of '{tmp}/none'", marks=pytest.mark.skipif(
+        importlib.util.find_spec("matplotlib") is None, reason="retention.py plots with matplotlib")),
+])
+def test_experiment_scripts_refuse_bad_input_in_one_line(script, argv, message, tmp_path):
+    """Every script in experiments/ has the command lines' error boundary: one `error:` line, exit 2."""
+    proc = run_script(f"experiments/{script}", *(a.format(tmp=tmp_path) for a in argv))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"{script}: error: ") and message.format(tmp=tmp_path) in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--held-out", "ptb"], "argument --held-out: give CORPUS:SPLIT, e.g. ptb:validation, not 'ptb'"),
+    (["--test-windows", "0"], "argument --test-windows: give an integer of at least 1, not '0'"),
+    (["--held-out", "nope:validation"], "text source 'nope' is neither"),
+])
+def test_ablate_refuses_bad_input_in_one_line(argv, message, tmp_path):
+    proc = run_script("experiments/ablate.py", "--model", str(tmp_path / "no-model"), "--output",
+                      str(tmp_path / "out.jsonl"), *argv)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ablate.py: error: ") and message in lines[0], proc.stderr
+    assert proc.returncode == 2 and not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.skipif(not (DATA / "ptb").is_dir(), reason=f"no evaluation data at {DATA}")

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # grasprune.py and eval.py
 
+import cli
 import eval as evaluation
 import grasprune
 from grasprune import Recipe, Units, project_to_budget
@@ -176,21 +177,24 @@ def table(rows: list[dict]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="ablate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="the dense model (hub id, folder or .gguf)")
     p.add_argument("--rows", default="published", help="comma-separated rows, e.g. published,init+kd,init+kd+m32")
     p.add_argument("--checkpoints", nargs="+", help="evaluate these grasprune.py outputs as rows instead")
     p.add_argument("--table", help="print the table of a JSON-lines file of rows, and stop")
     p.add_argument("--output", default="ablations.jsonl", help="JSON lines, one per finished row (appended)")
     p.add_argument("--data-dir", help="local copies of the corpora and tasks, laid out like shared/data")
-    p.add_argument("--held-out", default="ptb:validation", help="corpus:split that selects settings")
-    p.add_argument("--held-out-windows", type=int, default=16)
-    p.add_argument("--test-windows", type=int, default=40, help="first N 2048-token windows of WikiText-2 test")
-    p.add_argument("--limit", type=int, help="zero-shot: first N items of each of the five tasks (default: skip)")
+    p.add_argument("--held-out", default="ptb:validation", type=cli.corpus_split,
+                   help="corpus:split that selects settings")
+    p.add_argument("--held-out-windows", type=cli.at_least(1), default=16)
+    p.add_argument("--test-windows", type=cli.at_least(1), default=40,
+                   help="first N 2048-token windows of WikiText-2 test")
+    p.add_argument("--limit", type=cli.at_least(1),
+                   help="zero-shot: first N items of each of the five tasks (default: skip)")
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--nsamples", type=cli.at_least(1), default=128)
+    p.add_argument("--seq-len", type=cli.at_least(2), default=256)
+    p.add_argument("--epochs", type=cli.at_least(1), default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--dtype")
@@ -202,8 +206,7 @@ def main() -> None:
     if args.table:
         print(table([json.loads(line) for line in Path(args.table).read_text().splitlines()]))
         return
-    held_out_corpus, held_out_split = args.held_out.split(":")
-    texts = {"held_out": (evaluation.load_text(held_out_corpus, held_out_split, args.data_dir), args.held_out_windows),
+    texts = {"held_out": (evaluation.load_text(*args.held_out, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
     rows = []
     if args.checkpoints:
@@ -229,4 +232,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli("ablate.py", main))

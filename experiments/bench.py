@@ -22,7 +22,6 @@
 Figures are printed, never asserted: speed depends on the machine.
 """
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -39,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # grasprune.py
 
+import cli
 import grasprune
 from grasprune import Recipe
 
@@ -481,7 +481,7 @@ def ranks(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     o = sub.add_parser("overhead", help="gate-training step vs bare forward+backward")
     r = sub.add_parser("recipes", help="a step of the defaults vs one of the paper's recipe")
@@ -520,4 +520,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli("bench.py", main))

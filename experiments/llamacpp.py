@@ -16,7 +16,6 @@ and 128 generated tokens, each file once per round, the files alternating within
 that load on the machine reaches all alike; medians.
 """
 
-import argparse
 import json
 import math
 import subprocess
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cli
 import eval as evaluation
 import export_gguf
 import grasprune
@@ -114,7 +114,7 @@ def speeds(args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="llamacpp.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("perplexity", help="export, then llama.cpp's and transformers' perplexity")
     ppl.add_argument("--models", nargs="+", required=True, help="the dense model first, then pruned checkpoints")
@@ -136,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli("llamacpp.py", main))

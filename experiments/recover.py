@@ -25,7 +25,6 @@ be pruned without recovery (`--recover-rank 0`); the default row of grasprune.py
 (docs/ablations.md).
 """
 
-import argparse
 import json
 import sys
 import time
@@ -99,25 +98,24 @@ def row_settings(row: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="recover.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the dense model the checkpoint was pruned from")
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="grasprune.py output folders pruned from --model (several share one teacher pass)")
     p.add_argument("--rows", default="r8+lr1e-3", help="comma-separated rows, e.g. r8+lr1e-3,r32+lr1e-3+mlp")
     p.add_argument("--data-dir", help="local copies of the corpora, laid out like shared/data")
-    p.add_argument("--held-out", default="ptb:validation", help="corpus:split that chooses")
-    p.add_argument("--held-out-windows", type=int, default=16)
-    p.add_argument("--test-windows", type=int, default=10, help="first N 2048-token windows of WikiText-2 test")
+    p.add_argument("--held-out", default="ptb:validation", type=cli.corpus_split, help="corpus:split that chooses")
+    p.add_argument("--held-out-windows", type=cli.at_least(1), default=16)
+    p.add_argument("--test-windows", type=cli.at_least(1), default=10,
+                   help="first N 2048-token windows of WikiText-2 test")
     p.add_argument("--output", default="recovery.jsonl", help="JSON lines, one per finished row (appended)")
     p.add_argument("--save", help="a folder: each row's model is saved in it as CHECKPOINT_NAME/ROW")
-    p.add_argument("--nsamples", type=int, help="recovery's calibration sequences (default: the checkpoint's)")
-    p.add_argument("--seq-len", type=int, help="tokens per recovery sequence (default: the checkpoint's)")
-    p.add_argument("--generated", type=int, default=0, help="sequences sampled from the dense model, added")
+    p.add_argument("--nsamples", type=cli.at_least(0),
+                   help="recovery's calibration sequences (default: the checkpoint's)")
+    p.add_argument("--seq-len", type=cli.at_least(1), help="tokens per recovery sequence (default: the checkpoint's)")
+    p.add_argument("--generated", type=cli.at_least(0), default=0, help="sequences sampled from the dense model, added")
     p.add_argument("--extra", help="CORPUS:SPLIT:N, N sequences of another corpus added, e.g. boolq:validation:512")
     args = p.parse_args()
-    for flag, count in (("--nsamples", args.nsamples), ("--seq-len", args.seq_len), ("--generated", args.generated)):
-        if count is not None and count < 0:
-            raise grasprune.UsageError(f"{flag} {count}: give 0 or more")
     extra = args.extra.split(":") if args.extra else None
     if extra and (len(extra) != 3 or not extra[2].isdigit()):
         raise grasprune.UsageError(f"--extra {args.extra}: give CORPUS:SPLIT:N, e.g. boolq:validation:512")
@@ -129,8 +127,7 @@ def main() -> None:
         if reports[checkpoint]["recipe"].get("recover_rank"):
             raise grasprune.UsageError(f"{checkpoint} was recovered already: prune it with --recover-rank 0")
     extra_text = evaluation.load_text(extra[0], extra[1], args.data_dir) if extra else None
-    corpus, split = args.held_out.split(":")
-    texts = {"held_out": (evaluation.load_text(corpus, split, args.data_dir), args.held_out_windows),
+    texts = {"held_out": (evaluation.load_text(*args.held_out, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
     dense, tokenizer = grasprune.load_model(args.model, "cpu", "float32")
     overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v is not None}

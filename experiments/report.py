@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # eval.py
 
+import cli
 from eval import join_shards, mean_of_tasks
 
 TASKS = {"piqa": "PIQA", "winogrande": "WinoGrande", "hellaswag": "HellaSwag", "arc_easy": "ARC-e",
@@ -90,10 +91,10 @@ def labelled_result(arg: str) -> tuple[str, dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=labelled_result, metavar="LABEL=FILE")
     print(tables(dict(p.parse_args().results)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli("report.py", main))

@@ -4,8 +4,8 @@ model, from the grasprune_report.json of each checkpoint (matplotlib, for the ex
   python experiments/retention.py smollm2-default-s0.4653 smollm2-paper-s0.4653 --output retention.png
 """
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -13,10 +13,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # cli.py, grasprune.py
+
+import cli
+from grasprune import reading
+
 
 def kept_per_layer(checkpoint: str) -> tuple[list[float], list[int], dict]:
     """Fraction of FFN channels and number of KV groups each layer kept, and the report's units."""
-    report = json.loads((Path(checkpoint) / "grasprune_report.json").read_text())
+    with reading(f"the report of {checkpoint!r}"):
+        report = json.loads((Path(checkpoint) / "grasprune_report.json").read_text())
     units = report["units"]
     width = units["ffn_per_layer"]
     return ([r["ffn_channels"] / width for r in report["layers"]], [r["kv_groups"] for r in report["layers"]],
@@ -24,7 +30,7 @@ def kept_per_layer(checkpoint: str) -> tuple[list[float], list[int], dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="retention.py", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="grasprune.py output folders")
     p.add_argument("--labels", nargs="+", help="one per checkpoint (default: folder names)")
     p.add_argument("--output", default="retention.png")
@@ -49,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_cli("retention.py", main))
