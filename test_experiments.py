@@ -79,11 +79,37 @@ def test_report_joins_an_evaluation_run_in_parts_into_the_same_row_as_one_run(ti
 def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
     from experiments.recover import MATRICES, row_settings
 
-    assert row_settings("r32+lr1e-3+e2+mlp") == {"rank": 32, "lr": 1e-3, "epochs": 2, "matrices": MATRICES["mlp"]}
+    assert row_settings("r32+lr1e-3+e2+mlp") == {"rank": 32, "lr": 1e-3, "epochs": 2, "matrices": MATRICES["mlp"],
+                                                 "decay": False}
     assert row_settings("r8")["matrices"] == grasprune.RECOVERED == MATRICES["all"]
+    assert row_settings("r8+decay")["decay"] and not row_settings("r8")["decay"]
     assert set(MATRICES["attn"]) | set(MATRICES["mlp"]) == set(grasprune.RECOVERED) and len(grasprune.RECOVERED) == 7
     with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):
         row_settings("r8+q4")
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_recovery_learning_rate_falls_linearly_to_zero_with_decay_and_is_held_without(decay):
+    """Row part `decay`: step k of n runs at lr (1 - k/n); without it every step runs at lr, as in
+    grasprune.py. The hook that sets it is gone afterwards."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from experiments.recover import recover
+
+    data = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    targets = grasprune.teacher_targets(tiny_model("llama-gqa-bias"), data, 1, 16)
+    seen = []
+    # After each step: the learning rate that step ran at.
+    handle = register_optimizer_step_post_hook(lambda optimizer, *_: seen.append(optimizer.param_groups[0]["lr"]))
+    try:
+        history = recover(sliced_model("llama-gqa-bias"), data, targets, rank=2, lr=0.01, epochs=2, decay=decay)
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5).step()
+    finally:
+        handle.remove()
+    steps = 2 * 3
+    assert len(history) == steps
+    expected = [0.01 * (1 - k / steps) for k in range(steps)] if decay else [0.01] * steps
+    assert seen[:-1] == pytest.approx(expected, rel=1e-12) and seen[-1] == 0.5
 
 
 @pytest.mark.parametrize("case", ["bad row", "no checkpoint", "recovered already", "second recovered already",
