@@ -28,7 +28,6 @@ be pruned without recovery (`--recover-rank 0`); the default row of grasprune.py
 
 import itertools
 import json
-import math
 import sys
 import time
 from collections.abc import Iterator
@@ -92,7 +91,7 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8
     every step."""
     correction = grasprune.LowRank(model, rank, matrices) if rank else OutputScales(model)
     recipe = grasprune.Recipe(recover_rank=rank, recover_lr=lr, batch_size=batch_size)
-    steps = epochs * math.ceil(len(data) / batch_size)
+    steps = epochs * len(grasprune.with_targets(data, targets, batch_size))  # as recover_weights batches
     # A global hook, so that grasprune.recover_weights runs as it is; removed whatever happens.
     handle = register_optimizer_step_pre_hook(partial(linear_decay, lr, steps, itertools.count())) if decay else None
     try:
