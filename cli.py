@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
         ("kv_floor", int, (0, 1), "KV groups every layer keeps; 0 lets a layer drop its whole attention block"),
         ("ffn_multiple", int, None, "keep every FFN width a multiple of it (whole blocks of the final mask)"),
         ("recover_rank", int, None, "recovery: rank of the merged correction of every kept weight; 0: none"),
-        ("recover_lr", float, None, "recovery: AdamW learning rate of the correction's factors"),
+        ("recover_lr", float, None, "recovery: AdamW learning rate of the correction's factors, falling linearly to 0"),
     ):
         recipe.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=choices,
                             help=f"{text} ({getattr(default, name)} / {getattr(paper, name)})")

@@ -79,7 +79,7 @@ class Recipe:
     ffn_multiple: int = 1  # every kept FFN width a multiple of it (llama.cpp quantizes whole blocks)
     rescale: bool = True  # scaling calibration after gate training
     recover_rank: int = 32  # recovery: rank of the merged correction of every kept weight; 0: none (paper)
-    recover_lr: float = 1e-3  # AdamW, for the correction's factors
+    recover_lr: float = 2e-3  # AdamW, for the correction's factors, falling linearly to 0
 
     @classmethod
     def paper(cls) -> "Recipe":
@@ -135,8 +135,7 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None, d
     load_config(name)
     with reading(f"the model {name!r}"):  # truncated weights, a folder without them, a cut GGUF file
         model, tokenizer = load_pretrained(name, dtype=torch_dtype, device_map=device_map or str(device))
-    model.eval().requires_grad_(False)
-    return model, tokenizer
+    return model.eval().requires_grad_(False), tokenizer
 
 
 def shard(model, mesh: DeviceMesh) -> None:
@@ -722,9 +721,11 @@ def recover_weights(model, data: torch.Tensor, recipe: Recipe, targets: Targets 
     loss over a rank-`recover_rank` correction of every kept linear layer, merged at the end. Only the
     factors train: no dense weight gradient, optimizer state for them alone. Returns each step's loss."""
     low_rank, history = low_rank or LowRank(model, recipe.recover_rank), []
-    factors = low_rank.parameters()
+    factors, batches = low_rank.parameters(), with_targets(data, targets, recipe.batch_size) * epochs
     optimizer = torch.optim.AdamW(factors, lr=recipe.recover_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    with progress(with_targets(data, targets, recipe.batch_size) * epochs, desc="recovery") as bar:
+    # Step k of n at lr (1 - k/n): held constant, a rate high enough to gain more diverges (docs/ablations.md).
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / len(batches))
+    with progress(batches, desc="recovery") as bar:
         for batch, target in bar:
             loss = calibration_loss(model, batch, target)
             loss.backward()
@@ -733,6 +734,7 @@ def recover_weights(model, data: torch.Tensor, recipe: Recipe, targets: Targets 
                 for factor, grad in zip(factors, flat.split([f.numel() for f in factors])):
                     factor.grad = grad.view_as(factor)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             history.append(averaged(loss.detach().clone()).item())
             stop_if_not_finite(history[-1], "recovery", len(history))
@@ -780,8 +782,7 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
         memory[stage] = peak_memory_gib()
         clock = time.perf_counter()
 
-    costs = units.costs(input_device(model))
-    before = model_summary(model)
+    costs, before = units.costs(input_device(model)), model_summary(model)
     print(f"[grasprune] {units.count:,} units ({units.num_ffn:,} FFN channels of {units.ffn_cost:,} params, "
           f"{units.count - units.num_ffn:,} KV groups of {units.kv_cost:,}); budget {budget:,} of {units.total_cost:,}")
     if evaluate:
@@ -790,9 +791,8 @@ def prune(model, data: torch.Tensor, sparsity: float = 0.5, recipe: Recipe = Rec
     with activation_checkpointing(model, gradient_checkpointing):
         targets = teacher_targets(model, data, recipe.batch_size, recipe.top_k) if recipe.loss == "kd" else None
         lap("teacher_targets")
-        init = None
-        if recipe.init == "importance":
-            init = importance_scores(model, units, data, budget, recipe.batch_size, recipe.kv_floor)
+        init = (importance_scores(model, units, data, budget, recipe.batch_size, recipe.kv_floor)
+                if recipe.init == "importance" else None)
         lap("importance")
         scores, history = train_gates(model, units, data, budget, recipe, init, targets, project)
         if recipe.ffn_multiple == 1:

@@ -80,18 +80,18 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
     from experiments.recover import MATRICES, row_settings
 
     assert row_settings("r32+lr1e-3+e2+mlp") == {"rank": 32, "lr": 1e-3, "epochs": 2, "matrices": MATRICES["mlp"],
-                                                 "decay": False}
+                                                 "const": False}
     assert row_settings("r8")["matrices"] == grasprune.RECOVERED == MATRICES["all"]
-    assert row_settings("r8+decay")["decay"] and not row_settings("r8")["decay"]
+    assert row_settings("r8+const")["const"] and not row_settings("r8")["const"]
     assert set(MATRICES["attn"]) | set(MATRICES["mlp"]) == set(grasprune.RECOVERED) and len(grasprune.RECOVERED) == 7
     with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):
         row_settings("r8+q4")
 
 
-@pytest.mark.parametrize("decay", [False, True])
-def test_recovery_learning_rate_falls_linearly_to_zero_with_decay_and_is_held_without(decay):
-    """Row part `decay`: step k of n runs at lr (1 - k/n); without it every step runs at lr, as in
-    grasprune.py. The hook that sets it is gone afterwards."""
+@pytest.mark.parametrize("const", [False, True])
+def test_recovery_learning_rate_falls_linearly_to_zero_and_row_part_const_holds_it(const):
+    """grasprune.recover_weights: step k of n runs at lr (1 - k/n); with row part `const` every step
+    runs at lr. The hook that holds it is gone afterwards."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from experiments.recover import recover
@@ -102,13 +102,13 @@ def test_recovery_learning_rate_falls_linearly_to_zero_with_decay_and_is_held_wi
     # After each step: the learning rate that step ran at.
     handle = register_optimizer_step_post_hook(lambda optimizer, *_: seen.append(optimizer.param_groups[0]["lr"]))
     try:
-        history = recover(sliced_model("llama-gqa-bias"), data, targets, rank=2, lr=0.01, epochs=2, decay=decay)
+        history = recover(sliced_model("llama-gqa-bias"), data, targets, rank=2, lr=0.01, epochs=2, const=const)
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5).step()
     finally:
         handle.remove()
     steps = 2 * 3
     assert len(history) == steps
-    expected = [0.01 * (1 - k / steps) for k in range(steps)] if decay else [0.01] * steps
+    expected = [0.01] * steps if const else [0.01 * (1 - k / steps) for k in range(steps)]
     assert seen[:-1] == pytest.approx(expected, rel=1e-12) and seen[-1] == 0.5
 
 

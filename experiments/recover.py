@@ -9,8 +9,9 @@ state for them alone and no dense weight gradient is ever allocated.
 
 A row is "+"-joined settings: rN (rank; r0: one output-side scale per hidden channel of down_proj
 and o_proj instead, the cheaper lever), lrX (AdamW learning rate), eN (epochs), and the matrices:
-all (default), mlp (gate/up/down) or attn (q/k/v/o); decay: the learning rate falls linearly to 0
-over the steps (grasprune.py holds it constant). Every row starts from the checkpoint as saved,
+all (default), mlp (gate/up/down) or attn (q/k/v/o); const: the learning rate is held constant
+where grasprune.py's falls linearly to 0 over the steps (rows recorded before the fall became the
+default name it `decay` and hold the rate without it). Every row starts from the checkpoint as saved,
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
 --nsamples and --seq-len recover on more (or less) of that corpus than gate training saw, to learn
 whether recovery is data-limited; --generated adds sequences sampled from the dense model itself
@@ -22,15 +23,13 @@ Held-out PTB validation perplexity chooses; the WikiText-2 test windows are repo
 choose. Rows append to --output as JSON lines as they finish; --save also keeps each row's model, a
 checkpoint eval.py scores. Several checkpoints pruned from
 the same dense model share one teacher pass where their calibration data agree. The checkpoints must
-be pruned without recovery (`--recover-rank 0`); the default row of grasprune.py's recovery is r32+lr1e-3
+be pruned without recovery (`--recover-rank 0`); the default row of grasprune.py's recovery is r32+lr2e-3
 (docs/ablations.md).
 """
 
-import itertools
 import json
 import sys
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -77,23 +76,21 @@ class OutputScales:
                 param.copy_((param.float() * factor).to(param.dtype))
 
 
-def linear_decay(lr: float, steps: int, step: Iterator[int], optimizer, args, kwargs) -> None:
-    """An optimizer step pre-hook: the learning rate of this step falls from lr linearly toward 0."""
+def held_rate(lr: float, optimizer, args, kwargs) -> None:
+    """An optimizer step pre-hook: this step runs at lr, whatever recovery's schedule had set."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * (1 - next(step) / steps)
+        group["lr"] = lr
 
 
 def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8, lr: float = 1e-3,
             epochs: int = 1, batch_size: int = 1, matrices: tuple[str, ...] = grasprune.RECOVERED,
-            decay: bool = False) -> list[float]:
-    """grasprune's recovery with this row's settings (rank 0: output-side scales instead; decay: the
-    learning rate falls linearly to 0 over the steps, where grasprune.py holds it). Returns the loss of
-    every step."""
+            const: bool = False) -> list[float]:
+    """grasprune's recovery with this row's settings (rank 0: output-side scales instead; const: the
+    learning rate held, where grasprune.py's falls linearly to 0). Returns the loss of every step."""
     correction = grasprune.LowRank(model, rank, matrices) if rank else OutputScales(model)
     recipe = grasprune.Recipe(recover_rank=rank, recover_lr=lr, batch_size=batch_size)
-    steps = epochs * len(grasprune.with_targets(data, targets, batch_size))  # as recover_weights batches
     # A global hook, so that grasprune.recover_weights runs as it is; removed whatever happens.
-    handle = register_optimizer_step_pre_hook(partial(linear_decay, lr, steps, itertools.count())) if decay else None
+    handle = register_optimizer_step_pre_hook(partial(held_rate, lr)) if const else None
     try:
         return grasprune.recover_weights(model, data, recipe, targets, correction, epochs)
     finally:
@@ -102,19 +99,19 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8
 
 
 def row_settings(row: str) -> dict:
-    """rN, lrX, eN, all|mlp|attn and decay, "+"-joined, as keyword arguments of recover()."""
-    settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": grasprune.RECOVERED, "decay": False}
+    """rN, lrX, eN, all|mlp|attn and const, "+"-joined, as keyword arguments of recover()."""
+    settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": grasprune.RECOVERED, "const": False}
     for part in row.split("+"):
         if part in MATRICES:
             settings["matrices"] = MATRICES[part]
-        elif part == "decay":
-            settings["decay"] = True
+        elif part == "const":
+            settings["const"] = True
         elif part.startswith("lr") and part[2:].replace(".", "", 1).replace("e-", "", 1).isdigit():
             settings["lr"] = float(part[2:])
         elif part[0] in "re" and part[1:].isdigit():
             settings["rank" if part[0] == "r" else "epochs"] = int(part[1:])
         else:
-            raise grasprune.UsageError(f"unknown row part {part!r}: use rN, lrX, eN, all, mlp, attn or decay")
+            raise grasprune.UsageError(f"unknown row part {part!r}: use rN, lrX, eN, all, mlp, attn or const")
     return settings
 
 
