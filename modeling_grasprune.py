@@ -189,4 +189,5 @@ def load_pretrained(name: str, **kwargs) -> tuple[nn.Module, "AutoTokenizer"]:
 def load_tokenizer(name: str) -> "AutoTokenizer":
     """The tokenizer of a hub id, a local folder, a .gguf file or a GRASPrune checkpoint."""
     source, extra = source_of(name)
-    return AutoTokenizer.from_pretrained(source, **extra)
+    with quiet_global_reads():  # AutoTokenizer reads a checkpoint's config to find the tokenizer's class
+        return AutoTokenizer.from_pretrained(source, **extra)

@@ -27,6 +27,8 @@ be pruned without recovery (`--recover-rank 0`); the default row of grasprune.py
 (docs/ablations.md).
 """
 
+import argparse
+import itertools
 import json
 import sys
 import time
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # grasprune.py 
 import cli
 import eval as evaluation
 import grasprune
+import modeling_grasprune
 
 MATRICES = {"all": grasprune.RECOVERED, "attn": tuple(m for m in grasprune.RECOVERED if m.startswith("self_attn.")),
             "mlp": tuple(m for m in grasprune.RECOVERED if m.startswith("mlp."))}
@@ -115,6 +118,14 @@ def row_settings(row: str) -> dict:
     return settings
 
 
+def corpus_split_count(value: str) -> tuple[str, str, int]:
+    """An argparse type: CORPUS:SPLIT:N, e.g. boolq:validation:512 (--extra)."""
+    parts = value.split(":")
+    if len(parts) != 3 or not all(parts) or not parts[2].isdigit():
+        raise argparse.ArgumentTypeError(f"give CORPUS:SPLIT:N, e.g. boolq:validation:512, not {value!r}")
+    return parts[0], parts[1], int(parts[2])
+
+
 def main() -> None:
     p = cli.ArgumentParser(prog="recover.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the dense model the checkpoint was pruned from")
@@ -132,11 +143,11 @@ def main() -> None:
                    help="recovery's calibration sequences (default: the checkpoint's)")
     p.add_argument("--seq-len", type=cli.at_least(1), help="tokens per recovery sequence (default: the checkpoint's)")
     p.add_argument("--generated", type=cli.at_least(0), default=0, help="sequences sampled from the dense model, added")
-    p.add_argument("--extra", help="CORPUS:SPLIT:N, N sequences of another corpus added, e.g. boolq:validation:512")
+    p.add_argument("--extra", type=corpus_split_count,
+                   help="CORPUS:SPLIT:N, N sequences of another corpus added, e.g. boolq:validation:512")
     args = p.parse_args()
-    extra = args.extra.split(":") if args.extra else None
-    if extra and (len(extra) != 3 or not extra[2].isdigit()):
-        raise grasprune.UsageError(f"--extra {args.extra}: give CORPUS:SPLIT:N, e.g. boolq:validation:512")
+    extra = args.extra
+    extra_name = ":".join(map(str, extra)) if extra else None
     rows = {row: row_settings(row) for row in args.rows.split(",")}  # a bad row stops the run before any work
     reports = {}
     for checkpoint in args.checkpoint:  # every report is read and checked before a model is loaded
@@ -144,11 +155,29 @@ def main() -> None:
             reports[checkpoint] = json.loads((Path(checkpoint) / "grasprune_report.json").read_text())
         if reports[checkpoint]["recipe"].get("recover_rank"):
             raise grasprune.UsageError(f"{checkpoint} was recovered already: prune it with --recover-rank 0")
+    if args.save:  # a row's folder that exists would stop the run after its recovery, not before
+        if len({Path(c).name for c in args.checkpoint}) < len(args.checkpoint):
+            raise grasprune.UsageError("--save keeps each model as CHECKPOINT_NAME/ROW: give checkpoints "
+                                       "whose folder names differ")
+        for checkpoint, row in itertools.product(args.checkpoint, rows):
+            target = Path(args.save) / Path(checkpoint).name / row
+            if target.exists():
+                raise grasprune.UsageError(f"{target} exists: choose another --save folder")
+            cli.check_output(target, overwrite=True, folder=True)
+    overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v is not None}
     extra_text = evaluation.load_text(extra[0], extra[1], args.data_dir) if extra else None
+    if extra:  # how many sequences the second corpus makes is known from the tokenizer alone
+        with grasprune.reading(f"the tokenizer of {args.checkpoint[0]!r}"):
+            extra_tokens = len(modeling_grasprune.load_tokenizer(args.checkpoint[0])(extra_text).input_ids)
+        for report in reports.values():
+            seq_len = (report["settings"] | overrides)["seq_len"]
+            if extra[2] > extra_tokens // seq_len:
+                raise grasprune.UsageError(f"--extra {extra_name}: {extra[0]} makes "
+                                           f"{extra_tokens // seq_len} sequences of {seq_len} tokens: give N up "
+                                           f"to {extra_tokens // seq_len}")
     texts = {"held_out": (evaluation.load_text(*args.held_out, args.data_dir), args.held_out_windows),
              "test": (evaluation.load_text("wikitext2", "test", args.data_dir), args.test_windows)}
     dense, tokenizer = grasprune.load_model(args.model, "cpu", "float32")
-    overrides = {k: v for k, v in (("nsamples", args.nsamples), ("seq_len", args.seq_len)) if v is not None}
     teacher, jobs = {}, []  # (corpus, split, sequences, length, seed, top-k) -> one pass of the teacher
     for checkpoint, report in reports.items():
         settings = report["settings"] | overrides
@@ -159,12 +188,8 @@ def main() -> None:
             data = grasprune.calibration_batches(tokenizer, text, settings["nsamples"], settings["seq_len"],
                                                  settings["seed"])
             parts = [data]
-            if extra:  # checked here, where its tokens are known, before the teacher pass
-                available = len(tokenizer(extra_text).input_ids) // settings["seq_len"]
-                if int(extra[2]) > available:
-                    raise grasprune.UsageError(f"--extra {args.extra}: {extra[0]} makes {available} sequences of "
-                                               f"{settings['seq_len']} tokens: give N up to {available}")
-                parts.append(grasprune.calibration_batches(tokenizer, extra_text, int(extra[2]), settings["seq_len"],
+            if extra:
+                parts.append(grasprune.calibration_batches(tokenizer, extra_text, extra[2], settings["seq_len"],
                                                            settings["seed"]))
             if args.generated:
                 parts.append(cli.sample_from_model(dense, tokenizer, args.generated, settings["seq_len"],
@@ -190,7 +215,8 @@ def main() -> None:
                 history = recover(model, data, targets, **rows[row])
             result = {"row": row, "checkpoint": checkpoint, "seconds": round(time.perf_counter() - start, 1),
                       "teacher_seconds": teacher_seconds, "calibration": [len(data), data.shape[1]],
-                      "generated": args.generated, "extra": args.extra,
+                      "generated": args.generated,
+                      "extra": extra_name,
                       "first_loss": history[0] if history else None,
                       "final_loss": history[-1] if history else None,
                       "parameters": grasprune.model_summary(model)["parameters"]} | measure(model)
