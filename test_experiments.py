@@ -154,8 +154,9 @@ def test_recover_refuses_bad_input_in_one_line_before_loading_a_model(case, tmp_
     ("bench.py", ["widths", "--hidden", "x"], "argument --hidden: invalid int value: 'x'"),
     ("llamacpp.py", ["speed"], "the following arguments are required"),
     ("report.py", ["dense={tmp}/none.json"], "expected LABEL=FILE"),
-    pytest.param("retention.py", ["{tmp}/none"], "cannot read the report of '{tmp}/none'", marks=pytest.mark.skipif(
-        importlib.util.find_spec("matplotlib") is None, reason="retention.py plots with matplotlib")),
+    ("retention.py", ["{tmp}/none"], "cannot read the report of '{tmp}/none'"),
+    ("retention.py", ["{tmp}/a", "{tmp}/b", "--labels", "a"], "--labels: give 2 different labels, one per checkpoint"),
+    ("retention.py", ["{tmp}/a", "--output", "{tmp}/no/such/plot.png"], "cannot write {tmp}/no/such/plot.png"),
 ])
 def test_experiment_scripts_refuse_bad_input_in_one_line(script, argv, message, tmp_path):
     """Every script in experiments/ has the command lines' error boundary: one `error:` line, exit 2."""
@@ -163,6 +164,21 @@ def test_experiment_scripts_refuse_bad_input_in_one_line(script, argv, message, 
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"{script}: error: ") and message.format(tmp=tmp_path) in lines[0], proc.stderr
+
+
+def test_retention_plots_every_report_or_names_the_missing_matplotlib(tmp_path):
+    """retention.py reads every report before it plots; without matplotlib it ends in one line."""
+    report = {"units": {"ffn_per_layer": 8, "kv_per_layer": 2}, "layers": [
+        {"ffn_channels": 4, "kv_groups": 1}, {"ffn_channels": 8, "kv_groups": 2}]}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "grasprune_report.json").write_text(json.dumps(report))
+    proc = run_script("experiments/retention.py", str(tmp_path / "a"), "--output", str(tmp_path / "kept.png"))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            "retention.py: error: the plot needs matplotlib: pip install matplotlib"), proc.stderr
+        assert not (tmp_path / "kept.png").exists()
+    else:
+        assert proc.returncode == 0 and (tmp_path / "kept.png").read_bytes()[:4] == b"\x89PNG", proc.stderr
 
 
 @pytest.mark.parametrize("argv, message", [

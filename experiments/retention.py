@@ -8,15 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # cli.py, grasprune.py
 
 import cli
-from grasprune import reading
+from grasprune import UsageError, reading
 
 
 def kept_per_layer(checkpoint: str) -> tuple[list[float], list[int], dict]:
@@ -29,16 +24,17 @@ def kept_per_layer(checkpoint: str) -> tuple[list[float], list[int], dict]:
             units)
 
 
-def main() -> None:
-    p = cli.ArgumentParser(prog="retention.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="grasprune.py output folders")
-    p.add_argument("--labels", nargs="+", help="one per checkpoint (default: folder names)")
-    p.add_argument("--output", default="retention.png")
-    args = p.parse_args()
-    labels = args.labels or [Path(c.rstrip("/")).name for c in args.checkpoints]
+def plot(kept: dict[str, tuple[list[float], list[int], dict]], output: str) -> None:
+    """Two panels, FFN channels and KV groups against depth, one line per labelled checkpoint."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("the plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     fig, (ffn_ax, kv_ax) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for checkpoint, label in zip(args.checkpoints, labels):
-        ffn, kv, units = kept_per_layer(checkpoint)
+    for label, (ffn, kv, units) in kept.items():
         ffn_ax.plot(range(len(ffn)), ffn, marker="o", markersize=3, label=label)
         kv_ax.plot(range(len(kv)), kv, marker="o", markersize=3, label=label)
     ffn_ax.set_ylabel("FFN channels kept (fraction)")
@@ -50,7 +46,20 @@ def main() -> None:
     ffn_ax.grid(alpha=0.3)
     kv_ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
+    fig.savefig(output, dpi=120)
+
+
+def main() -> None:
+    p = cli.ArgumentParser(prog="retention.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="grasprune.py output folders")
+    p.add_argument("--labels", nargs="+", help="one per checkpoint (default: folder names)")
+    p.add_argument("--output", default="retention.png", help="the figure (replaced if it exists)")
+    args = p.parse_args()
+    labels = args.labels or [Path(c.rstrip("/")).name for c in args.checkpoints]
+    if len(labels) != len(args.checkpoints) or len(set(labels)) != len(labels):
+        raise UsageError(f"--labels: give {len(args.checkpoints)} different labels, one per checkpoint")
+    cli.check_output(Path(args.output), overwrite=True, folder=False)
+    plot({label: kept_per_layer(c) for label, c in zip(labels, args.checkpoints)}, args.output)
     print(f"wrote {args.output}")
 
 
