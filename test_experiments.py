@@ -82,6 +82,9 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
     assert row_settings("r32+lr1e-3+e2+mlp") == {"rank": 32, "lr": 1e-3, "epochs": 2, "matrices": MATRICES["mlp"],
                                                  "const": False}
     assert row_settings("r8")["matrices"] == grasprune.RECOVERED == MATRICES["all"]
+    default = grasprune.Recipe()  # a part left out is grasprune.py's default stage
+    assert row_settings("all") == {"rank": default.recover_rank, "lr": default.recover_lr, "epochs": 1,
+                                   "matrices": grasprune.RECOVERED, "const": False}
     assert row_settings("r8+const")["const"] and not row_settings("r8")["const"]
     assert set(MATRICES["attn"]) | set(MATRICES["mlp"]) == set(grasprune.RECOVERED) and len(grasprune.RECOVERED) == 7
     with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):

@@ -47,6 +47,7 @@ import modeling_grasprune
 
 MATRICES = {"all": grasprune.RECOVERED, "attn": tuple(m for m in grasprune.RECOVERED if m.startswith("self_attn.")),
             "mlp": tuple(m for m in grasprune.RECOVERED if m.startswith("mlp."))}
+DEFAULT = grasprune.Recipe()  # a row part left out takes grasprune.py's default
 
 
 class OutputScales:
@@ -85,9 +86,9 @@ def held_rate(lr: float, optimizer, args, kwargs) -> None:
         group["lr"] = lr
 
 
-def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8, lr: float = 1e-3,
-            epochs: int = 1, batch_size: int = 1, matrices: tuple[str, ...] = grasprune.RECOVERED,
-            const: bool = False) -> list[float]:
+def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = DEFAULT.recover_rank,
+            lr: float = DEFAULT.recover_lr, epochs: int = 1, batch_size: int = 1,
+            matrices: tuple[str, ...] = grasprune.RECOVERED, const: bool = False) -> list[float]:
     """grasprune's recovery with this row's settings (rank 0: output-side scales instead; const: the
     learning rate held, where grasprune.py's falls linearly to 0). Returns the loss of every step."""
     correction = grasprune.LowRank(model, rank, matrices) if rank else OutputScales(model)
@@ -102,8 +103,10 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = 8
 
 
 def row_settings(row: str) -> dict:
-    """rN, lrX, eN, all|mlp|attn and const, "+"-joined, as keyword arguments of recover()."""
-    settings = {"rank": 8, "lr": 1e-3, "epochs": 1, "matrices": grasprune.RECOVERED, "const": False}
+    """rN, lrX, eN, all|mlp|attn and const, "+"-joined, as keyword arguments of recover(); a part left
+    out is grasprune.py's default (rank 32, lr 2e-3 falling to 0, one epoch, every kept matrix)."""
+    settings = {"rank": DEFAULT.recover_rank, "lr": DEFAULT.recover_lr, "epochs": 1,
+                "matrices": grasprune.RECOVERED, "const": False}
     for part in row.split("+"):
         if part in MATRICES:
             settings["matrices"] = MATRICES[part]
