@@ -104,7 +104,7 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = D
 
 def row_settings(row: str) -> dict:
     """rN, lrX, eN, all|mlp|attn and const, "+"-joined, as keyword arguments of recover(); a part left
-    out is grasprune.py's default (rank 32, lr 2e-3 falling to 0, one epoch, every kept matrix)."""
+    out is grasprune.py's default stage (Recipe's recover_rank and recover_lr, one epoch, all matrices)."""
     settings = {"rank": DEFAULT.recover_rank, "lr": DEFAULT.recover_lr, "epochs": 1,
                 "matrices": grasprune.RECOVERED, "const": False}
     for part in row.split("+"):
