@@ -80,12 +80,13 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
     from experiments.recover import MATRICES, row_settings
 
     assert row_settings("r32+lr1e-3+e2+mlp") == {"rank": 32, "lr": 1e-3, "epochs": 2, "matrices": MATRICES["mlp"],
-                                                 "const": False}
+                                                 "const": False, "norms": False, "oscale": False}
     assert row_settings("r8")["matrices"] == grasprune.RECOVERED == MATRICES["all"]
     default = grasprune.Recipe()  # a part left out is grasprune.py's default stage
     assert row_settings("all") == {"rank": default.recover_rank, "lr": default.recover_lr, "epochs": 1,
-                                   "matrices": grasprune.RECOVERED, "const": False}
-    assert row_settings("r8+const")["const"] and not row_settings("r8")["const"]
+                                   "matrices": grasprune.RECOVERED, "const": False, "norms": False, "oscale": False}
+    for part in ("const", "norms", "oscale"):
+        assert row_settings(f"r8+{part}")[part] and not row_settings("r8")[part]
     assert set(MATRICES["attn"]) | set(MATRICES["mlp"]) == set(grasprune.RECOVERED) and len(grasprune.RECOVERED) == 7
     with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):
         row_settings("r8+q4")
@@ -239,6 +240,23 @@ def test_output_scales_merge_into_the_rows_of_down_proj_and_o_proj(name):
     scales.merge()
     torch.testing.assert_close(model(inputs()).logits, hooked, atol=1e-4, rtol=1e-4)
     assert {n: p.shape for n, p in model.named_parameters()} == shapes and len(scales.factors) == 2 * 3
+
+
+def test_norm_gains_and_output_scales_train_beside_the_low_rank_factors_and_keep_the_shapes():
+    """Row parts norms and oscale: every RMSNorm gain and an output scale per hidden channel of down_proj
+    and o_proj train with the factors (every gain moves); afterwards the shapes are the same and no
+    parameter holds a gradient or asks for one (the scales' merge is checked above)."""
+    from experiments.recover import recover
+
+    model = sliced_model("llama-gqa-bias", no_attention=1)
+    data = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    targets = grasprune.teacher_targets(tiny_model("llama-gqa-bias"), data, 1, 16)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    recover(model, data, targets, rank=2, lr=0.05, norms=True, oscale=True)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n for n in changed if "norm" in n} == {n for n in before if "norm" in n}
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in before.items()}
 
 
 def test_sampled_sequences_run_their_length_from_the_start_token_and_repeat_with_the_seed(tokenizer):

@@ -11,7 +11,9 @@ A row is "+"-joined settings: rN (rank; r0: one output-side scale per hidden cha
 and o_proj instead, the cheaper lever), lrX (AdamW learning rate), eN (epochs), and the matrices:
 all (default), mlp (gate/up/down) or attn (q/k/v/o); const: the learning rate is held constant
 where grasprune.py's falls linearly to 0 over the steps (rows recorded before the fall became the
-default name it `decay` and hold the rate without it). Every row starts from the checkpoint as saved,
+default name it `decay` and hold the rate without it); norms: every RMSNorm gain trains beside the
+factors; oscale: so do the output-side scales of r0 (both are vectors the checkpoint already has or
+folds away, so neither adds a parameter). Every row starts from the checkpoint as saved,
 on the checkpoint's own calibration data (its report names corpus, split, sequences, length and seed).
 --nsamples and --seq-len recover on more (or less) of that corpus than gate training saw, to learn
 whether recovery is data-limited; --generated adds sequences sampled from the dense model itself
@@ -80,6 +82,37 @@ class OutputScales:
                 param.copy_((param.float() * factor).to(param.dtype))
 
 
+class NormGains:
+    """Every RMSNorm gain of the model trained along with a correction (row part norms): vectors the
+    checkpoint already holds, so no parameter is added; merged where they are (AdamW updates them in place)."""
+
+    def __init__(self, model):
+        self.gains = [m.weight for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+        for gain in self.gains:
+            gain.requires_grad_()
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.gains
+
+    def merge(self) -> None:
+        for gain in self.gains:
+            gain.requires_grad_(False)
+
+
+class Together:
+    """Several corrections trained as one, by one optimizer, and merged one after the other."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for part in self.parts for p in part.parameters()]
+
+    def merge(self) -> None:
+        for part in self.parts:
+            part.merge()
+
+
 def held_rate(lr: float, optimizer, args, kwargs) -> None:
     """An optimizer step pre-hook: this step runs at lr, whatever recovery's schedule had set."""
     for group in optimizer.param_groups:
@@ -88,10 +121,14 @@ def held_rate(lr: float, optimizer, args, kwargs) -> None:
 
 def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = DEFAULT.recover_rank,
             lr: float = DEFAULT.recover_lr, epochs: int = 1, batch_size: int = 1,
-            matrices: tuple[str, ...] = grasprune.RECOVERED, const: bool = False) -> list[float]:
+            matrices: tuple[str, ...] = grasprune.RECOVERED, const: bool = False, norms: bool = False,
+            oscale: bool = False) -> list[float]:
     """grasprune's recovery with this row's settings (rank 0: output-side scales instead; const: the
-    learning rate held, where grasprune.py's falls linearly to 0). Returns the loss of every step."""
+    learning rate held, where grasprune.py's falls linearly to 0; norms: the RMSNorm gains train too;
+    oscale: the output-side scales train beside the low-rank factors). Returns the loss of every step."""
     correction = grasprune.LowRank(model, rank, matrices) if rank else OutputScales(model)
+    extras = ([OutputScales(model)] if oscale and rank else []) + ([NormGains(model)] if norms else [])
+    correction = Together(correction, *extras) if extras else correction
     recipe = grasprune.Recipe(recover_rank=rank, recover_lr=lr, batch_size=batch_size)
     # A global hook, so that grasprune.recover_weights runs as it is; removed whatever happens.
     handle = register_optimizer_step_pre_hook(partial(held_rate, lr)) if const else None
@@ -103,21 +140,22 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = D
 
 
 def row_settings(row: str) -> dict:
-    """rN, lrX, eN, all|mlp|attn and const, "+"-joined, as keyword arguments of recover(); a part left
+    """rN, lrX, eN, all|mlp|attn, const, norms and oscale, "+"-joined, as keyword arguments of recover(); a part left
     out is grasprune.py's default stage (Recipe's recover_rank and recover_lr, one epoch, all matrices)."""
     settings = {"rank": DEFAULT.recover_rank, "lr": DEFAULT.recover_lr, "epochs": 1,
-                "matrices": grasprune.RECOVERED, "const": False}
+                "matrices": grasprune.RECOVERED, "const": False, "norms": False, "oscale": False}
     for part in row.split("+"):
         if part in MATRICES:
             settings["matrices"] = MATRICES[part]
-        elif part == "const":
-            settings["const"] = True
+        elif part in ("const", "norms", "oscale"):
+            settings[part] = True
         elif part.startswith("lr") and part[2:].replace(".", "", 1).replace("e-", "", 1).isdigit():
             settings["lr"] = float(part[2:])
         elif part[0] in "re" and part[1:].isdigit():
             settings["rank" if part[0] == "r" else "epochs"] = int(part[1:])
         else:
-            raise grasprune.UsageError(f"unknown row part {part!r}: use rN, lrX, eN, all, mlp, attn or const")
+            raise grasprune.UsageError(f"unknown row part {part!r}: use rN, lrX, eN, all, mlp, attn, const, norms "
+                                       "or oscale")
     return settings
 
 
