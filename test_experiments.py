@@ -90,6 +90,8 @@ def test_recovery_rows_read_rank_learning_rate_epochs_and_matrices():
     assert set(MATRICES["attn"]) | set(MATRICES["mlp"]) == set(grasprune.RECOVERED) and len(grasprune.RECOVERED) == 7
     with pytest.raises(grasprune.UsageError, match="unknown row part 'q4'"):
         row_settings("r8+q4")
+    with pytest.raises(grasprune.UsageError, match="r0 is them"):
+        row_settings("r0+oscale")
 
 
 @pytest.mark.parametrize("const", [False, True])

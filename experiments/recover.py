@@ -126,9 +126,8 @@ def recover(model, data: torch.Tensor, targets: grasprune.Targets, rank: int = D
     """grasprune's recovery with this row's settings (rank 0: output-side scales instead; const: the
     learning rate held, where grasprune.py's falls linearly to 0; norms: the RMSNorm gains train too;
     oscale: the output-side scales train beside the low-rank factors). Returns the loss of every step."""
-    correction = grasprune.LowRank(model, rank, matrices) if rank else OutputScales(model)
-    extras = ([OutputScales(model)] if oscale and rank else []) + ([NormGains(model)] if norms else [])
-    correction = Together(correction, *extras) if extras else correction
+    correction = Together(grasprune.LowRank(model, rank, matrices) if rank else OutputScales(model),
+                          *([OutputScales(model)] if oscale else []), *([NormGains(model)] if norms else []))
     recipe = grasprune.Recipe(recover_rank=rank, recover_lr=lr, batch_size=batch_size)
     # A global hook, so that grasprune.recover_weights runs as it is; removed whatever happens.
     handle = register_optimizer_step_pre_hook(partial(held_rate, lr)) if const else None
@@ -156,6 +155,8 @@ def row_settings(row: str) -> dict:
         else:
             raise grasprune.UsageError(f"unknown row part {part!r}: use rN, lrX, eN, all, mlp, attn, const, norms "
                                        "or oscale")
+    if settings["oscale"] and not settings["rank"]:  # r0 trains the output-side scales already
+        raise grasprune.UsageError(f"row {row!r}: oscale trains the output-side scales beside rN, N > 0; r0 is them")
     return settings
 
 
